@@ -1,0 +1,18 @@
+"""lmp_autoreg: register a Foundries.io LmP device with its factory, once.
+
+Read top-down:
+
+- ``settings``  where every setting comes from (CLI > env > default file > device files)
+- ``paths``     the device's file layout, resolved under ``--sysroot``
+- ``errors``    one exception per exit code
+- ``identity``  EC key, CSR, and checks of what the server sent back
+- ``client``    the HTTP request to the registration server
+- ``install``   verify the answer and install it into the sota dir atomically
+- ``register``  the one library function that does a registration end to end
+- ``cli``       argparse, output, JSON, exit codes
+- ``testing``   the public test kit (loopback server, fake device, pytest plugin)
+"""
+
+__version__ = "0.1.0"
+# A device clock earlier than this cannot be right: certificates would look "not yet valid".
+RELEASE_DATE = "2026-11-27"
