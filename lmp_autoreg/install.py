@@ -1,0 +1,168 @@
+"""Verify the server's answer, then install it into the sota dir (SPEC section 4).
+
+``verify_answer`` decides (pure: it returns the files to write, in order, or raises
+``BadAnswer``); ``install`` acts: one atomic file at a time, ``sota.toml`` last, and on
+any failure it puts back what was there before this attempt.
+"""
+
+import logging
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadAnswer, LocalFailure
+from .paths import REGISTRATION_FILES
+from .util import fsync_dir, write_atomic
+
+LOG = logging.getLogger(__name__)
+
+FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+REQUIRED = ("client.pem", "root.crt", "sota.toml")
+KEY_MODE = 0o600
+FILE_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str
+    data: bytes
+    mode: int
+
+
+def verify_answer(
+    files: dict[str, str], *, uuid: str, key_pem: bytes | None
+) -> list[PlannedFile]:
+    """Check a 201 answer against the device's identity; return the install plan.
+
+    ``key_pem`` is the device key (None in HSM mode: the key stays in the module and no
+    ``pkey.pem`` is written). The plan ends with ``sota.toml``.
+    """
+    from . import identity  # cryptography is needed only once there is an answer
+
+    bad = sorted(n for n in files if not FILE_NAME_RE.fullmatch(n))
+    if bad:
+        raise BadAnswer(f"the answer names files that may not be written: {bad!r}")
+    missing = [n for n in REQUIRED if n not in files]
+    if missing:
+        raise BadAnswer(f"the answer lacks {', '.join(missing)}")
+    if key_pem is not None and "pkey.pem" in files:
+        raise BadAnswer("the answer carries a pkey.pem: the device key never leaves the device")
+    try:
+        cert = identity.load_certificate(files["client.pem"])
+    except ValueError as e:
+        raise BadAnswer(f"client.pem is not an X.509 certificate: {e}") from e
+    if identity.common_name(cert) != uuid:
+        raise BadAnswer(
+            f"client.pem is for {identity.common_name(cert)!r}, not this device ({uuid})"
+        )
+    if key_pem is not None and not identity.same_public_key(cert, key_pem):
+        raise BadAnswer("client.pem certifies another key than this device's")
+    try:
+        identity.load_certificate(files["root.crt"])
+    except ValueError as e:
+        raise BadAnswer(f"root.crt is not an X.509 certificate: {e}") from e
+    chained = files.get("client.chained")
+    if chained is not None and not chained.lstrip().startswith(files["client.pem"].strip()):
+        raise BadAnswer("client.chained does not start with client.pem")
+    if not files["sota.toml"].strip():
+        raise BadAnswer("sota.toml is empty")
+    try:
+        tomllib.loads(files["sota.toml"])
+    except tomllib.TOMLDecodeError as e:
+        raise BadAnswer(f"sota.toml is not valid TOML: {e}") from e
+
+    plan = []
+    if key_pem is not None:
+        plan.append(PlannedFile("pkey.pem", key_pem, KEY_MODE))
+    for name in sorted(files):
+        if name != "sota.toml":
+            plan.append(PlannedFile(name, files[name].encode(), FILE_MODE))
+    plan.append(PlannedFile("sota.toml", files["sota.toml"].encode(), FILE_MODE))
+    return plan
+
+
+def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
+    """Write the plan into ``sota``; all of it, or (after a failure) none of it.
+
+    Files that existed before are restored on failure, so nothing is lost. Raises
+    ``LocalFailure`` naming the path that failed.
+    """
+    previous: dict[Path, bytes | None] = {}
+    written: list[Path] = []
+    try:
+        sota.mkdir(parents=True, exist_ok=True)
+        for item in plan:
+            path = sota / item.name
+            previous[path] = _read_or_none(path)
+            write_atomic(path, item.data, item.mode)
+            written.append(path)
+            LOG.debug("installed %s (%o)", path, item.mode)
+        fsync_dir(sota)
+    except OSError as e:
+        failed = Path(e.filename) if e.filename else sota
+        _restore(previous)
+        raise LocalFailure(
+            f"cannot write {failed}: {e.strerror or e}; nothing was installed"
+        ) from e
+    except BaseException:
+        _restore(previous)
+        raise
+    return written
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _restore(previous: dict[Path, bytes | None]) -> None:
+    """Put back what ``install`` found; best effort, each failure logged."""
+    for path, data in reversed(previous.items()):
+        try:
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, data, FILE_MODE if path.name != "pkey.pem" else KEY_MODE)
+        except OSError as e:
+            LOG.error("could not roll back %s: %s", path, e.strerror or e)
+
+
+def is_registered(sota: Path) -> bool:
+    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration."""
+    if (sota / "sql.db").exists():
+        return True
+    toml = sota / "sota.toml"
+    if not toml.exists():
+        return False
+    if (sota / "client.pem").exists():
+        return True
+    try:
+        return "p11" in tomllib.loads(toml.read_text(errors="replace"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
+def remove_registration(sota: Path) -> list[str]:
+    """--force: remove the previous registration's files; return the names removed."""
+    removed = []
+    for name in REGISTRATION_FILES:
+        path = sota / name
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise LocalFailure(f"cannot remove {path}: {e.strerror or e}") from e
+        removed.append(name)
+    if removed:
+        fsync_dir(sota)
+    return removed
+
+
+def file_modes(sota: Path, names: list[str]) -> dict[str, str]:
+    """The octal mode of each installed file, for showing."""
+    return {name: format((sota / name).stat().st_mode & 0o7777, "04o") for name in names}
+

@@ -1,0 +1,87 @@
+"""The device's file layout, and how device paths map onto the machine running the agent.
+
+Every device path (``/etc/os-release``, ``/var/sota``, ...) goes through ``DevicePaths``:
+on a device the sysroot is ``/``; on a mounted image it is wherever the image is mounted.
+Paths a person types for the machine running the agent (``--token-file``, ``--cacert``,
+binaries) never come here.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+DEFAULT_SOTA_DIR = PurePosixPath("/var/sota")
+DEFAULTS_FILE = PurePosixPath("/etc/default/lmp-device-auto-register")
+OS_RELEASE = PurePosixPath("/etc/os-release")
+SOTA_TAG = PurePosixPath("/etc/sota/tag")
+HSM_CONFIG = PurePosixPath("/etc/sota/hsm")
+HOSTNAME = PurePosixPath("/etc/hostname")
+TOKEN_FILE = PurePosixPath("/etc/lmp-device-register-token")
+AKLITE_LOCK = PurePosixPath("/var/lock/aklite.lock")
+
+# Files a registration leaves in the sota dir; --force removes exactly these.
+REGISTRATION_FILES = ("sql.db", "client.pem", "pkey.pem", "root.crt", "client.chained", "sota.toml")
+
+
+@dataclass(frozen=True)
+class DevicePaths:
+    """Host paths of the device files, for a device whose root is ``sysroot``."""
+
+    sysroot: Path = Path("/")
+    sota_device: PurePosixPath = DEFAULT_SOTA_DIR
+
+    def host(self, device_path: PurePosixPath | str) -> Path:
+        """Where ``device_path`` (an absolute path on the device) lives on this machine."""
+        return self.sysroot / str(device_path).lstrip("/")
+
+    @property
+    def is_live(self) -> bool:
+        """True when the agent runs on the device itself (sysroot ``/``)."""
+        return self.sysroot.resolve() == Path("/")
+
+    @property
+    def sota(self) -> Path:
+        return self.host(self.sota_device)
+
+    @property
+    def compose_apps(self) -> Path:
+        return self.sota / "compose-apps"
+
+    @property
+    def reset_apps(self) -> Path:
+        return self.sota / "reset-apps"
+
+    @property
+    def state_dir(self) -> Path:
+        """The agent's own state (lock, pending identity): ``<sota>/.lmp-autoreg``."""
+        return self.sota / ".lmp-autoreg"
+
+    @property
+    def defaults_file(self) -> Path:
+        return self.host(DEFAULTS_FILE)
+
+    @property
+    def os_release(self) -> Path:
+        return self.host(OS_RELEASE)
+
+    @property
+    def sota_tag(self) -> Path:
+        return self.host(SOTA_TAG)
+
+    @property
+    def hsm_config(self) -> Path:
+        return self.host(HSM_CONFIG)
+
+    @property
+    def hostname(self) -> Path:
+        return self.host(HOSTNAME)
+
+    @property
+    def token_file(self) -> Path:
+        return self.host(TOKEN_FILE)
+
+    @property
+    def aklite_lock(self) -> Path:
+        return self.host(AKLITE_LOCK)
+
+    def in_sota(self, name: str) -> Path:
+        return self.sota / name

@@ -1,0 +1,355 @@
+"""Where every setting comes from (SPEC section 3).
+
+For each setting the first place that has it wins: the command line, then the
+environment, then ``/etc/default/lmp-device-auto-register``, then the device's own files,
+then the default. ``resolve`` is pure apart from reading those files; it raises
+``ConfigError`` naming the setting and every place it looked.
+"""
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import ConfigError
+from .paths import DEFAULTS_FILE, HSM_CONFIG, OS_RELEASE, SOTA_TAG, DevicePaths
+
+DEFAULT_DEVICE_API = "https://api.foundries.io/ota/devices/"
+DEFAULT_TOKEN_HEADER = "OSF-TOKEN"
+DEFAULT_START = ("aktualizr-lite", "fioconfig")
+DEFAULT_TIMEOUT = 300.0
+BACKENDS = ("native", "lmp-device-register")
+FIOCONFIG_MODES = ("auto", "on", "off")
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+@dataclass(frozen=True)
+class Hsm:
+    """A PKCS#11 module holding the device key; the PINs are secrets."""
+
+    module: str
+    pin: str = field(repr=False)
+    so_pin: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    paths: DevicePaths
+    device_api: str
+    production: bool
+    factory: str
+    tag: str
+    hardware_id: str
+    name: str | None  # None: the uuid
+    uuid: str | None  # None: a pending identity, else a random one
+    apps: tuple[str, ...] | None  # None: all apps (the override is left out)
+    device_group: str | None
+    token: str | None = field(repr=False)
+    token_place: str | None  # where the token came from, for messages (never the token)
+    token_header: str = DEFAULT_TOKEN_HEADER
+    hsm: Hsm | None = None
+    restorable_apps: str | None = None
+    backend: str = "native"
+    lmp_device_register: str | None = None
+    fioconfig: str = "auto"
+    fioconfig_bin: str | None = None
+    start: tuple[str, ...] = DEFAULT_START
+    poweroff: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    cacert: str | None = None
+    allow_insecure_token: bool = False
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines (os-release, /etc/default, /etc/sota/hsm); quotes are stripped.
+
+    A missing file is empty. Comments, blank lines and an ``export`` prefix are allowed.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _first_line(path: Path) -> str | None:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            line = f.readline().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    return line or None
+
+
+def list_apps(compose_apps: Path) -> tuple[str, ...]:
+    """The sorted names of the sub-directories of ``compose_apps`` (hidden ones skipped)."""
+    try:
+        entries = list(os.scandir(compose_apps))
+    except (FileNotFoundError, NotADirectoryError):
+        return ()
+    return tuple(sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir()))
+
+
+class _Sources:
+    """The ordered places a setting can come from, and the trail of where we looked."""
+
+    def __init__(self, cli: Mapping[str, Any], environ: Mapping[str, str], paths: DevicePaths):
+        self.cli = cli
+        self.environ = environ
+        self.defaults = read_env_file(paths.defaults_file)
+
+    def first(
+        self,
+        what: str,
+        flag: str | None,
+        env: str | None,
+        files: tuple[tuple[str, Callable[[], str | None]], ...] = (),
+        *,
+        empty_ok: bool = False,
+    ) -> tuple[str | None, str, list[str]]:
+        """Return (value, place, places looked). Empty strings count as unset unless empty_ok."""
+        looked: list[str] = []
+        candidates: list[tuple[str, Callable[[], str | None]]] = []
+        if flag:
+            dest = flag.lstrip("-").replace("-", "_")
+            candidates.append((flag, lambda: self.cli.get(dest)))
+        if env:
+            candidates.append((f"${env}", lambda: self.environ.get(env)))
+            candidates.append((f"{env} in {DEFAULTS_FILE}", lambda: self.defaults.get(env)))
+        candidates.extend(files)
+        for place, get in candidates:
+            looked.append(place)
+            value = get()
+            if value is not None and (empty_ok or value != ""):
+                return str(value), place, looked
+        return None, "", looked
+
+    def require(self, what: str, flag: str | None, env: str | None, files=()) -> tuple[str, str]:
+        value, place, looked = self.first(what, flag, env, files)
+        if value is None:
+            raise ConfigError(f"{what} is not set: looked in {', '.join(looked)}")
+        return value, place
+
+
+def _invalid(what: str, place: str, why: str) -> ConfigError:
+    return ConfigError(f"{what} from {place} is invalid: {why}")
+
+
+def resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> DevicePaths:
+    """The sysroot and the sota dir: enough for ``status`` and the already-registered guard."""
+    sysroot = Path(cli.get("sysroot") or "/")
+    if not sysroot.is_dir():
+        raise ConfigError(f"--sysroot {sysroot} is not a directory")
+    sources = _Sources(cli, environ, DevicePaths(sysroot))
+    value, place, _ = sources.first("sota dir", "--sota-dir", "SOTA_DIR")
+    if value is None:
+        return DevicePaths(sysroot)
+    if not value.startswith("/"):
+        raise _invalid("sota dir", place, f"{value!r} is not an absolute device path")
+    return DevicePaths(sysroot, PurePosixPath(value))
+
+
+def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Resolve every setting of SPEC section 3 for a ``register`` run.
+
+    ``cli`` maps argparse destinations (``factory``, ``token_file``, ...) to values, None
+    meaning "not given"; ``environ`` is the process environment.
+    """
+    paths = resolve_paths(cli, environ)
+    src = _Sources(cli, environ, paths)
+    os_release = read_env_file(paths.os_release)
+
+    def from_os_release(key: str) -> tuple[str, Callable[[], str | None]]:
+        return (f"{key} in {OS_RELEASE}", lambda: os_release.get(key))
+
+    device_api, place, _ = src.first("registration URL", "--device-api", "DEVICE_API")
+    device_api = device_api or DEFAULT_DEVICE_API
+    if not re.match(r"https?://[^/\s]+", device_api):
+        raise _invalid("registration URL", place, f"{device_api!r} is not an http(s) URL")
+
+    production = _production(cli, src)
+
+    factory, place = src.require(
+        "factory", "--factory", "DEVICE_FACTORY", (from_os_release("LMP_FACTORY"),)
+    )
+    if factory == "lmp":
+        raise _invalid("factory", place, "'lmp' is the placeholder of an unconfigured build")
+
+    tag, _ = src.require(
+        "tag",
+        "--tag",
+        None,
+        (
+            (str(SOTA_TAG), lambda: _first_line(paths.sota_tag)),
+            from_os_release("LMP_FACTORY_TAG"),
+        ),
+    )
+    hardware_id, _ = src.require(
+        "hardware id", "--hwid", "HARDWARE_ID", (from_os_release("LMP_MACHINE"),)
+    )
+
+    name = _name(cli, src, paths)
+    uuid = cli.get("uuid")
+    if uuid is not None and not UUID_RE.fullmatch(uuid):
+        raise _invalid("uuid", "--uuid", f"{uuid!r} is not of the form 8-4-4-4-12 hex digits")
+
+    apps_value, _, _ = src.first("apps", "--apps", "APPS")
+    if apps_value is not None:
+        apps: tuple[str, ...] | None = tuple(a.strip() for a in apps_value.split(",") if a.strip())
+    else:
+        apps = list_apps(paths.compose_apps) or None
+
+    device_group, _, _ = src.first("device group", "--device-group", "DEVICE_GROUP")
+    token, token_place = _token(cli, src, paths, production)
+    token_header, _, _ = src.first("token header", "--api-token-header", "TOKEN_HEADER")
+
+    backend, place, _ = src.first("backend", "--backend", "BACKEND")
+    backend = backend or "native"
+    if backend not in BACKENDS:
+        raise _invalid("backend", place, f"{backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "lmp-device-register" and not paths.is_live:
+        raise ConfigError(
+            "the lmp-device-register backend cannot register a mounted image "
+            f"(--sysroot {paths.sysroot}): use --backend native"
+        )
+
+    fioconfig, place, _ = src.first("fioconfig", "--fioconfig", "FIOCONFIG")
+    fioconfig = fioconfig or "auto"
+    if fioconfig not in FIOCONFIG_MODES:
+        raise _invalid("fioconfig", place, f"{fioconfig!r} is not one of auto, on, off")
+
+    return Settings(
+        paths=paths,
+        device_api=device_api,
+        production=production,
+        factory=factory,
+        tag=tag,
+        hardware_id=hardware_id,
+        name=name,
+        uuid=uuid.lower() if uuid else None,
+        apps=apps,
+        device_group=device_group,
+        token=token,
+        token_place=token_place,
+        token_header=token_header or DEFAULT_TOKEN_HEADER,
+        hsm=_hsm(cli, paths),
+        restorable_apps=cli.get("restorable_apps"),
+        backend=backend,
+        lmp_device_register=src.first("lmp-device-register", "--lmp-device-register",
+                                      "LMP_DEVICE_REGISTER")[0],
+        fioconfig=fioconfig,
+        fioconfig_bin=src.first("fioconfig binary", "--fioconfig-bin", "FIOCONFIG_BIN")[0],
+        start=_start(cli, src),
+        poweroff=bool(cli.get("poweroff") or src.first("poweroff", None, "POWEROFF")[0]),
+        timeout=_timeout(src),
+        cacert=_cacert(src),
+        allow_insecure_token=bool(cli.get("allow_insecure_token")),
+    )
+
+
+def _production(cli: Mapping[str, Any], src: _Sources) -> bool:
+    if cli.get("production") is not None:
+        return bool(cli["production"])
+    # PRODUCTION set to anything, even empty, means production (as the shell script has it).
+    return src.first("production", None, "PRODUCTION", empty_ok=True)[0] is not None
+
+
+def _name(cli: Mapping[str, Any], src: _Sources, paths: DevicePaths) -> str | None:
+    if cli.get("name"):
+        return str(cli["name"])
+    use_hostname, place, _ = src.first("use hostname", None, "USE_HOSTNAME")
+    if use_hostname is None:
+        return None
+    hostname = _first_line(paths.hostname)
+    if hostname is None:
+        raise ConfigError(f"USE_HOSTNAME is set ({place}) but {paths.hostname} is missing or empty")
+    return hostname
+
+
+def _token(
+    cli: Mapping[str, Any], src: _Sources, paths: DevicePaths, production: bool
+) -> tuple[str | None, str | None]:
+    explicit, place, looked = src.first("token file", "--token-file", "TOKEN_FILE")
+    if explicit is not None:
+        token = _first_line(Path(explicit))
+        if token is None:
+            raise ConfigError(f"API token file {explicit} (from {place}) is missing or empty")
+        return token, explicit
+    token = _first_line(paths.token_file)
+    if token is not None:
+        return token, str(paths.token_file)
+    if production:
+        return None, None
+    looked.append(str(paths.token_file))
+    raise ConfigError(
+        f"API token is not set: looked in {', '.join(looked)} "
+        "(only production registrations go without one)"
+    )
+
+
+def _hsm(cli: Mapping[str, Any], paths: DevicePaths) -> Hsm | None:
+    conf = read_env_file(paths.hsm_config)
+    values = {
+        "module": cli.get("hsm_module") or conf.get("HSM_MODULE") or None,
+        "pin": cli.get("hsm_pin") or conf.get("HSM_PIN") or None,
+        "so_pin": cli.get("hsm_so_pin") or conf.get("HSM_SOPIN") or None,
+    }
+    if not any(values.values()):
+        return None
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        names = {"module": "--hsm-module/HSM_MODULE", "pin": "--hsm-pin/HSM_PIN",
+                 "so_pin": "--hsm-so-pin/HSM_SOPIN"}
+        raise ConfigError(
+            "partial HSM setting: "
+            + ", ".join(names[k] for k in missing)
+            + f" not set (looked on the command line and in {HSM_CONFIG}); "
+            "refusing to fall back to a key on disk"
+        )
+    return Hsm(values["module"], values["pin"], values["so_pin"])  # type: ignore[arg-type]
+
+
+def _start(cli: Mapping[str, Any], src: _Sources) -> tuple[str, ...]:
+    if cli.get("no_start"):
+        return ()
+    value, _, _ = src.first("services", "--start", "START_SERVICES", empty_ok=True)
+    if value is None:
+        return DEFAULT_START
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+def _timeout(src: _Sources) -> float:
+    value, place, _ = src.first("timeout", "--timeout", "REGISTRATION_TIMEOUT")
+    if value is None:
+        return DEFAULT_TIMEOUT
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise _invalid("timeout", place, f"{value!r} is not a positive number of seconds")
+    return timeout
+
+
+def _cacert(src: _Sources) -> str | None:
+    value, place, _ = src.first("CA bundle", "--cacert", "CACERT")
+    if value is not None and not Path(value).is_file():
+        raise _invalid("CA bundle", place, f"{value} is not a readable file")
+    return value

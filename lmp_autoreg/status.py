@@ -1,0 +1,36 @@
+"""``status``: is this device registered, and as what? Reads files only; sends nothing."""
+
+from typing import Any
+
+from .install import is_registered
+from .paths import DevicePaths
+
+
+def device_status(paths: DevicePaths) -> dict[str, Any]:
+    """SPEC section 6's status object for the device at ``paths``."""
+    status: dict[str, Any] = {
+        "registered": is_registered(paths.sota),
+        "uuid": None,
+        "factory": None,
+        "production": None,
+        "not_after": None,
+        "sota_dir": str(paths.sota_device),
+        "pending": False,
+    }
+    try:
+        pem = paths.in_sota("client.pem").read_bytes()
+    except OSError:
+        return status
+    from . import identity
+
+    try:
+        info = identity.describe(identity.load_certificate(pem))
+    except ValueError:
+        return status
+    status.update(
+        uuid=info.common_name,
+        factory=info.organizational_unit,
+        production=info.production,
+        not_after=info.not_after,
+    )
+    return status

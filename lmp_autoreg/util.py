@@ -1,0 +1,66 @@
+"""The few small wrappers through which the agent touches the system.
+
+Writing files and running commands happen only here, so that tests and readers have one
+place to look for side effects. (HTTP lives in ``client``.)
+"""
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+LOG = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory.
+
+    The temporary file is created with ``mode`` already in force (never readable by others
+    for a moment, whatever the umask), fsync-ed, then renamed over ``path``. The caller
+    fsyncs the directory once all its files are in place (``fsync_dir``).
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o600)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have taken bits away: put back exactly `mode`
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory entries of ``path`` (renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run(
+    argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture its output as text, and never wait longer than ``timeout``.
+
+    Raises ``OSError`` when it cannot be started and ``subprocess.TimeoutExpired`` when it
+    overruns (the child is killed). A non-zero exit is returned, not raised.
+    """
+    LOG.debug("running %s", argv[0])
+    return subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(env) if env is not None else None,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )

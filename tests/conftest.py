@@ -1,0 +1,80 @@
+"""Shared test helpers. The fixtures `fake_device`, `device_root`, `registration_server`
+and `registration_server_tls` come from the public test kit (lmp_autoreg.testing.plugin)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Settings the agent reads from the environment: a test starts from none of them.
+AGENT_ENV = (
+    "DEVICE_API", "PRODUCTION", "DEVICE_FACTORY", "HARDWARE_ID", "USE_HOSTNAME", "APPS",
+    "DEVICE_GROUP", "TOKEN_FILE", "SOTA_DIR", "BACKEND", "LMP_DEVICE_REGISTER", "FIOCONFIG",
+    "FIOCONFIG_BIN", "START_SERVICES", "POWEROFF", "REGISTRATION_TIMEOUT", "CACERT",
+    "TOKEN_HEADER", "NOTIFY_SOCKET",
+)
+
+
+def require_tool(name: str) -> str:
+    """The path of tool `name`; a missing tool skips the test, but fails it in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI but is not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, umask: int | None = None
+) -> Run:
+    """Run the agent as a real subprocess, the way the unit and a jig do."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmp_autoreg", *args],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else clean_env(),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def device_args(device, server, *extra: str) -> list[str]:
+    """The usual arguments to register the fake `device` against `server`, quickly."""
+    return ["--sysroot", str(device.root), "--device-api", server.url, "--fioconfig", "off",
+            "--no-start", "--timeout", "3", *extra]
+
+
+@pytest.fixture
+def sota(device_root) -> Path:
+    return Path(device_root.sota)

@@ -1,0 +1,109 @@
+"""Installing the answer (SPEC section 4): modes, verification, and all-or-nothing."""
+
+import stat
+
+import pytest
+from conftest import device_args, run_cli
+
+from lmp_autoreg.errors import BadAnswer, LocalFailure
+from lmp_autoreg.install import PlannedFile, install, is_registered, verify_answer
+from lmp_autoreg.testing.server import Reply
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077, 0o277])
+def test_modes_whatever_the_umask(device_root, registration_server, sota, umask):
+    run = run_cli(*device_args(device_root, registration_server), umask=umask)
+    assert run.returncode == 0, run.stderr
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in sota.iterdir() if p.is_file()}
+    assert modes == {"pkey.pem": 0o600, "client.pem": 0o644, "root.crt": 0o644,
+                     "client.chained": 0o644, "sota.toml": 0o644}
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (Reply.bad_name("../evil"), "may not be written"),
+        (Reply.bad_name(".hidden"), "may not be written"),
+        (Reply.other_key(), "another key"),
+        (Reply.without("client.pem"), "lacks client.pem"),
+        (Reply.without("sota.toml"), "lacks sota.toml"),
+        (Reply(files=lambda f: {**f, "sota.toml": "not = [toml"}), "not valid TOML"),
+        (Reply(files=lambda f: {**f, "sota.toml": "  \n"}), "sota.toml is empty"),
+        (Reply(files=lambda f: {**f, "root.crt": "garbage"}), "root.crt is not"),
+        (Reply(files=lambda f: {**f, "client.chained": f["root.crt"]}), "client.chained"),
+    ],
+)
+def test_untrustworthy_answers_write_nothing(device_root, registration_server, sota, reply,
+                                             message):
+    before = sorted(p.name for p in sota.iterdir())
+    registration_server.enqueue(reply)
+    run = run_cli(*device_args(device_root, registration_server))
+    assert run.returncode == 5
+    assert message in run.stderr
+    assert sorted(p.name for p in sota.iterdir()) == before
+    assert not (sota.parent / "evil").exists()
+
+
+def test_certificate_for_another_uuid_is_rejected(device_root, registration_server, sota):
+    from lmp_autoreg.testing.ca import cert_for_other_key
+
+    registration_server.enqueue(
+        Reply(files=lambda f: {**f, "client.pem": cert_for_other_key(registration_server.ca,
+                                                                     "someone-else")}))
+    run = run_cli(*device_args(device_root, registration_server))
+    assert run.returncode == 5 and "not this device" in run.stderr
+
+
+def test_failure_between_two_files_restores_everything(tmp_path):
+    sota = tmp_path / "sota"
+    sota.mkdir()
+    (sota / "root.crt").write_bytes(b"a root that was here before")
+    (sota / "client.pem").mkdir()  # the second file cannot be renamed into place
+    plan = [PlannedFile("pkey.pem", b"key", 0o600), PlannedFile("root.crt", b"new root", 0o644),
+            PlannedFile("client.pem", b"cert", 0o644), PlannedFile("sota.toml", b"x=1", 0o644)]
+    with pytest.raises(LocalFailure, match="client.pem"):
+        install(sota, plan)
+    assert sorted(p.name for p in sota.iterdir()) == ["client.pem", "root.crt"]
+    assert (sota / "root.crt").read_bytes() == b"a root that was here before"
+
+
+def test_disk_full_at_unit_level(fs):
+    fs.create_dir("/var/sota")
+    fs.set_disk_usage(200, path="/var/sota")
+    from pathlib import Path
+
+    plan = [PlannedFile("pkey.pem", b"k" * 50, 0o600), PlannedFile("sota.toml", b"x" * 500, 0o644)]
+    with pytest.raises(LocalFailure, match="/var/sota"):
+        install(Path("/var/sota"), plan)
+    assert list(Path("/var/sota").iterdir()) == []
+
+
+def test_is_registered_rules(tmp_path):
+    assert not is_registered(tmp_path)
+    (tmp_path / "sota.toml").write_text("[tls]\n")
+    assert not is_registered(tmp_path)
+    (tmp_path / "sota.toml").write_text('[p11]\nmodule = "/m.so"\n')
+    assert is_registered(tmp_path)
+    (tmp_path / "sota.toml").write_text("[tls]\n")
+    (tmp_path / "client.pem").write_text("x")
+    assert is_registered(tmp_path)
+    (tmp_path / "sota.toml").unlink()
+    assert not is_registered(tmp_path)
+    (tmp_path / "sql.db").write_text("")
+    assert is_registered(tmp_path)
+
+
+def test_verify_answer_orders_sota_toml_last():
+    from lmp_autoreg import identity
+    from lmp_autoreg.testing.ca import ThrowawayCA
+
+    ca = ThrowawayCA()
+    key = identity.new_key()
+    uuid = "11111111-2222-4333-8444-555555555555"
+    cert = ca.sign_csr(identity.make_csr(key, uuid, "acme", False))
+    files = {"sota.toml": "[tls]\n", "root.crt": ca.cert_pem, "client.pem": cert}
+    plan = verify_answer(files, uuid=uuid, key_pem=identity.key_to_pem(key))
+    assert [p.name for p in plan] == ["pkey.pem", "client.pem", "root.crt", "sota.toml"]
+    assert [p.mode for p in plan] == [0o600, 0o644, 0o644, 0o644]
+    with pytest.raises(BadAnswer, match="pkey.pem"):
+        verify_answer({**files, "pkey.pem": "x"}, uuid=uuid, key_pem=identity.key_to_pem(key))
