@@ -1,0 +1,574 @@
+"""A loopback device registration server for tests.
+
+It speaks the ``/sign`` protocol of the factory's registration service (SPEC section 2):
+a JSON POST with the device's CSR, answered by HTTP 201 and a JSON object mapping file
+names to contents. Tests steer it with scripted :class:`Reply` objects to produce the
+faults an agent must survive: error codes, slow answers, broken bodies, bad files.
+
+Everything it serves is built in memory; the only disk files (the CA certificate and,
+for HTTPS, the server's certificate and key) are written to a real temporary directory
+when the server is created and removed when it stops, so a test may switch pyfakefs on
+while the server runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from lmp_autoreg.testing._realdisk import real_disk
+from lmp_autoreg.testing.ca import ThrowawayCA
+
+LOG = logging.getLogger(__name__)
+
+OTA_SERVER = "https://ota-lite.foundries.io:8443"
+# Longest time stop() waits for handler threads that are still writing an answer.
+_JOIN_TIMEOUT = 5.0
+# A client that connects but sends nothing is dropped after this many seconds.
+_HANDLER_SOCKET_TIMEOUT = 10.0
+
+FilesEdit = Callable[[dict[str, str]], dict[str, str]]
+
+
+class Headers(Mapping[str, str]):
+    """Request headers with case-insensitive lookup; iteration keeps the sent spelling."""
+
+    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
+        self._items: dict[str, tuple[str, str]] = {}
+        for name, value in items:
+            self._items[name.lower()] = (name, value)
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({dict(self._items.values())!r})"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server received it.
+
+    ``time`` is ``time.monotonic()`` at arrival, so differences between requests measure
+    an agent's retry delays. ``json`` is the parsed body when it is a JSON object.
+    """
+
+    method: str
+    path: str
+    headers: Headers
+    body: bytes
+    json: dict[str, Any] | None
+    time: float
+
+
+@dataclass
+class Reply:
+    """How the server answers one request.
+
+    - ``status``: the HTTP status. With ``body=None`` and a 2xx status the server does its
+      normal work (token, factory and group checks, signing) and sends the file dict; its
+      own check failures (401/400/409) win over ``status``. With ``body=None`` and any other
+      status it sends the status's reason phrase as plain text.
+    - ``delay``: seconds to wait before answering (to outlast a client timeout). Stopping
+      the server ends the wait and closes the connection without an answer.
+    - ``body``: send these bytes (str is UTF-8 encoded) instead of the normal answer,
+      as ``text/plain`` unless ``headers`` sets a Content-Type.
+    - ``files``: a function given the normal answer's dict (file name -> content) that
+      returns the dict to send, e.g. ``lambda f: {**f, "sota.toml": ""}``.
+    - ``wrong_key``: replace ``client.pem`` (and ``client.chained``) with a certificate of
+      the same subject signed by the same CA, but for a key the device does not hold.
+    - ``headers``: extra response headers (e.g. ``{"Retry-After": "1"}``).
+    - ``truncate``: announce the full Content-Length but send only this many body bytes,
+      then close the connection.
+    - ``close``: read the request, then close the connection without any answer.
+    """
+
+    status: int = 201
+    delay: float = 0.0
+    body: bytes | str | None = None
+    files: FilesEdit | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    truncate: int | None = None
+    close: bool = False
+    wrong_key: bool = False
+
+    @classmethod
+    def error(cls, status: int, message: str) -> Reply:
+        """An error answer whose body is ``message`` as plain text (no JSON)."""
+        return cls(status=status, body=message)
+
+    @classmethod
+    def html_500(cls) -> Reply:
+        """A 500 with an HTML page, as a broken proxy or web server would send."""
+        page = (
+            "<!DOCTYPE html>\n<html><head><title>500 Internal Server Error</title></head>\n"
+            "<body><h1>Internal Server Error</h1></body></html>\n"
+        )
+        return cls(status=500, body=page, headers={"Content-Type": "text/html; charset=utf-8"})
+
+    @classmethod
+    def not_json(cls) -> Reply:
+        """A 201 whose body claims to be JSON but is not."""
+        return cls(
+            status=201,
+            body="registered, but this is not JSON",
+            headers={"Content-Type": "application/json"},
+        )
+
+    @classmethod
+    def without(cls, *names: str) -> Reply:
+        """The normal 201 answer with the named files left out."""
+        dropped = frozenset(names)
+        return cls(files=lambda files: {k: v for k, v in files.items() if k not in dropped})
+
+    @classmethod
+    def bad_name(cls, name: str = "../evil", content: str = "x\n") -> Reply:
+        """The normal 201 answer plus a file whose name an agent must refuse."""
+        return cls(files=lambda files: {**files, name: content})
+
+    @classmethod
+    def other_key(cls) -> Reply:
+        """The normal 201 answer with a ``client.pem`` for a key the device does not hold."""
+        return cls(wrong_key=True)
+
+    @classmethod
+    def truncated(cls, nbytes: int = 64) -> Reply:
+        """The normal 201 answer cut off after ``nbytes`` bytes of body."""
+        return cls(truncate=nbytes)
+
+    @classmethod
+    def hang(cls, seconds: float) -> Reply:
+        """The normal answer, sent only after ``seconds`` (longer than a client timeout)."""
+        return cls(delay=seconds)
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string (JSON escapes are a subset TOML accepts)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def sota_toml(body: Mapping[str, Any]) -> str:
+    """The ``sota.toml`` the server sends for a request ``body``.
+
+    Override values are TOML literals and are pasted in verbatim, as the real server does;
+    override sections the base configuration lacks are appended.
+    """
+    sota = str(body.get("sota-config-dir") or "/var/sota").rstrip("/") or "/"
+    q = toml_string
+    sections: dict[str, dict[str, str]] = {
+        "tls": {
+            "server": q(OTA_SERVER),
+            "ca_source": q("file"),
+            "pkey_source": q("file"),
+            "cert_source": q("file"),
+        },
+        "provision": {"server": q(OTA_SERVER)},
+        "uptane": {"repo_server": q(f"{OTA_SERVER}/repo"), "key_source": q("file")},
+        "pacman": {"type": q("ostree"), "packages_file": q("/usr/package.manifest")},
+        "storage": {"type": q("sqlite"), "path": q(sota)},
+        "import": {
+            "base_path": q(sota),
+            "tls_cacert_path": q(f"{sota}/root.crt"),
+            "tls_clientcert_path": q(f"{sota}/client.pem"),
+            "tls_pkey_path": q(f"{sota}/pkey.pem"),
+        },
+    }
+    if body.get("use-ostree-server") == "true":
+        sections["pacman"]["ostree_server"] = q(f"{OTA_SERVER}/treehub")
+    for section, values in (body.get("overrides") or {}).items():
+        sections.setdefault(section, {}).update(values)
+    parts = []
+    for section, values in sections.items():
+        lines = [f"[{section}]", *(f"{key} = {value}" for key, value in values.items())]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+class _Refusal(Exception):
+    """A check failed: answer ``status`` with ``message`` as plain text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _subject_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
+    attrs = name.get_attributes_for_oid(oid)
+    if not attrs:
+        return None
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def _check_overrides(value: object) -> dict[str, dict[str, str]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(section, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in section.items())
+        for section in value.values()
+    ):
+        raise _Refusal(400, "Invalid overrides: must map sections to string values")
+    return value
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """Serves with one daemon thread per connection; the threads are tracked for stop()."""
+
+    daemon_threads = True
+    kit: RegistrationServer
+
+    def __init__(self, address: tuple[str, int], kit: RegistrationServer) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.kit = kit
+        self.handler_threads: list[threading.Thread] = []
+        self.threads_lock = threading.Lock()
+        super().__init__(address, _Handler, bind_and_activate=False)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="lmp-autoreg-kit-handler",
+            daemon=True,
+        )
+        with self.threads_lock:
+            self.handler_threads = [t for t in self.handler_threads if t.is_alive()]
+            self.handler_threads.append(thread)
+        thread.start()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that time out, hang up, or refuse our certificate are expected in fault
+        # tests; anything else is a bug in the kit and is logged with its traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            LOG.debug("connection from %s ended with an error", client_address, exc_info=True)
+        else:
+            LOG.error("test server failed on a request from %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    timeout = _HANDLER_SOCKET_TIMEOUT
+    server_version = "lmp-autoreg-testing"
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            # The listening socket does not handshake on accept (that would block the
+            # accept loop); each connection does it in its own thread.
+            self.request.do_handshake()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        """Stay quiet: tests read ``RegistrationServer.requests`` instead."""
+
+    def do_POST(self) -> None:
+        self.server.kit._handle(self)
+
+    def do_GET(self) -> None:
+        self.server.kit._handle(self)
+
+    def do_PUT(self) -> None:
+        self.server.kit._handle(self)
+
+    def read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def send_bytes(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: Mapping[str, str],
+        truncate: int | None = None,
+    ) -> None:
+        self.close_connection = True
+        self.send_response(status)
+        extra = {k.lower(): (k, v) for k, v in headers.items()}
+        if "content-type" not in extra:
+            self.send_header("Content-Type", content_type)
+        for name, value in extra.values():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body if truncate is None else body[:truncate])
+        self.wfile.flush()
+
+
+class RegistrationServer:
+    """A registration server on a loopback port, served from a background thread.
+
+    Use it as a context manager or call :meth:`start` and :meth:`stop`. See the module
+    documentation and :class:`Reply` for the behaviour and the fault knobs.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        factory: str | None = None,
+        token: str | None = None,
+        token_header: str = "OSF-TOKEN",
+        reject_group: bool = False,
+        host: str = "127.0.0.1",
+        listen_delay: float = 0.0,
+        path: str = "/sign",
+    ) -> None:
+        self.tls = tls
+        self.factory = factory
+        self.token = token
+        self.token_header = token_header
+        self.reject_group = reject_group
+        self.host = host
+        self.listen_delay = listen_delay
+        self.path = path
+        #: Answer 409 "Device already exists" to a uuid this server already registered.
+        self.reject_duplicates = False
+        #: The reply used once the queue of scripted replies is empty.
+        self.default = Reply()
+        self.ca = ThrowawayCA()
+        self._lock = threading.Lock()
+        self._queue: deque[Reply] = deque()
+        self._requests: list[RecordedRequest] = []
+        self._registered: dict[str, str] = {}
+        self._stopping = threading.Event()
+        self._serving = False
+        self._started = False
+        self._httpd: _HTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._ssl: ssl.SSLContext | None = None
+        with real_disk():
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="lmp-autoreg-kit-"))
+            self.ca_file = self.ca.write_ca(self._tmpdir / "ca.crt")
+            if tls:
+                cert_pem, key_pem = self.ca.server_cert()
+                cert_file = self._tmpdir / "server.crt"
+                key_file = self._tmpdir / "server.key"
+                cert_file.write_text(cert_pem, encoding="ascii")
+                key_file.write_text(key_pem, encoding="ascii")
+                key_file.chmod(0o600)
+                self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                self._ssl.load_cert_chain(cert_file, key_file)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> RegistrationServer:
+        """Bind the port; listen now, or after ``listen_delay`` seconds in a thread."""
+        if self._started:
+            raise RuntimeError("a RegistrationServer can be started only once")
+        self._started = True
+        httpd = _HTTPServer((self.host, 0), self)
+        try:
+            httpd.server_bind()
+        except BaseException:
+            httpd.server_close()
+            raise
+        if self._ssl is not None:
+            httpd.socket = self._ssl.wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._httpd = httpd
+        if self.listen_delay <= 0:
+            self._activate()
+        else:
+            self._spawn(self._activate_later, "lmp-autoreg-kit-listen")
+        return self
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _activate_later(self) -> None:
+        if not self._stopping.wait(self.listen_delay):
+            self._activate()
+
+    def _activate(self) -> None:
+        httpd = self._httpd
+        assert httpd is not None
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            httpd.server_activate()
+            self._serving = True
+            self._spawn(lambda: httpd.serve_forever(poll_interval=0.05), "lmp-autoreg-kit")
+
+    def stop(self) -> None:
+        """Stop serving, wake delayed handlers, close the port, remove the temp files."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            serving = self._serving
+        httpd = self._httpd
+        if httpd is not None:
+            if serving:
+                httpd.shutdown()
+            httpd.server_close()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        handlers = list(httpd.handler_threads) if httpd is not None else []
+        for thread in [*self._threads, *handlers]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with real_disk():
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> RegistrationServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- what tests read and steer ----------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the server is not started")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The registration URL, e.g. ``http://127.0.0.1:PORT/sign``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.port}{self.path}"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A copy of every request received so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def registered(self) -> dict[str, str]:
+        """uuid -> client certificate PEM of every device this server answered 201."""
+        with self._lock:
+            return dict(self._registered)
+
+    def enqueue(self, *replies: Reply) -> None:
+        """Script the next requests' replies, one per request, before the default applies."""
+        with self._lock:
+            self._queue.extend(replies)
+
+    # -- serving ----------------------------------------------------------------------
+
+    def _handle(self, handler: _Handler) -> None:
+        body = handler.read_body()
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        record = RecordedRequest(
+            method=handler.command,
+            path=handler.path,
+            headers=Headers(handler.headers.items()),
+            body=body,
+            json=parsed if isinstance(parsed, dict) else None,
+            time=time.monotonic(),
+        )
+        with self._lock:
+            self._requests.append(record)
+            reply = self._queue.popleft() if self._queue else self.default
+        if reply.delay > 0 and self._stopping.wait(reply.delay):
+            handler.close_connection = True
+            return
+        if reply.close:
+            handler.close_connection = True
+            return
+        status, payload, content_type = self._answer(record, reply)
+        handler.send_bytes(status, payload, content_type, reply.headers, reply.truncate)
+
+    def _answer(self, record: RecordedRequest, reply: Reply) -> tuple[int, bytes, str]:
+        if reply.body is not None:
+            raw = reply.body.encode("utf-8") if isinstance(reply.body, str) else reply.body
+            return reply.status, raw, "text/plain; charset=utf-8"
+        if not 200 <= reply.status < 300:
+            try:
+                phrase = HTTPStatus(reply.status).phrase
+            except ValueError:
+                phrase = "Error"
+            return reply.status, phrase.encode("utf-8"), "text/plain; charset=utf-8"
+        try:
+            files = self._register(record, reply)
+        except _Refusal as refusal:
+            return refusal.status, refusal.message.encode("utf-8"), "text/plain; charset=utf-8"
+        return reply.status, json.dumps(files).encode("utf-8"), "application/json"
+
+    def _register(self, record: RecordedRequest, reply: Reply) -> dict[str, str]:
+        """Check a registration request like the real server and build the files."""
+        if record.method != "POST":
+            raise _Refusal(405, f"Method {record.method} not allowed")
+        if record.path.split("?", 1)[0] != self.path:
+            raise _Refusal(404, f"Not found: {record.path}")
+        if self.token is not None and record.headers.get(self.token_header) != self.token:
+            raise _Refusal(401, f"Missing or invalid {self.token_header} header")
+        data = record.json
+        if data is None:
+            raise _Refusal(400, "Request body must be a JSON object")
+        if self.reject_group and "group" in data:
+            raise _Refusal(400, "Unsupported field: 'group'")
+        overrides = _check_overrides(data.get("overrides"))
+        csr_pem, uuid = data.get("csr"), data.get("uuid")
+        if not isinstance(csr_pem, str) or not csr_pem:
+            raise _Refusal(400, "Missing field: 'csr'")
+        if not isinstance(uuid, str) or not uuid:
+            raise _Refusal(400, "Missing field: 'uuid'")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode("utf-8"))
+        except ValueError as error:
+            raise _Refusal(400, f"Invalid CSR: {error}") from error
+        ou = _subject_value(csr.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+        if self.factory is not None and ou != self.factory:
+            raise _Refusal(400, f"Invalid factory({ou}) must be {self.factory}")
+        cn = _subject_value(csr.subject, NameOID.COMMON_NAME)
+        if cn != uuid:
+            raise _Refusal(400, f"CSR common name({cn}) must be the uuid({uuid})")
+        try:
+            client_pem = self.ca.sign_csr(csr_pem)
+        except ValueError as error:
+            raise _Refusal(400, f"Invalid CSR: {error}") from error
+        with self._lock:
+            if self.reject_duplicates and uuid in self._registered:
+                raise _Refusal(409, "Device already exists")
+            self._registered[uuid] = client_pem
+        if reply.wrong_key:
+            client_pem = self.ca.cert_for_subject_with_other_key(csr.subject)
+        files = {
+            "root.crt": self.ca.cert_pem,
+            "client.pem": client_pem,
+            "client.chained": client_pem + self.ca.cert_pem,
+            "sota.toml": sota_toml({**data, "overrides": overrides}),
+        }
+        return reply.files(files) if reply.files is not None else files
