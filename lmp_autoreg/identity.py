@@ -92,12 +92,20 @@ class CertInfo:
     production: bool
 
 
+# rfc4514_string() knows only the common attribute names; SPEC speaks of businessCategory.
+_NAMES = {NameOID.BUSINESS_CATEGORY: "businessCategory"}
+
+
+def name_string(name: x509.Name) -> str:
+    return name.rfc4514_string(_NAMES)
+
+
 def describe(cert: x509.Certificate) -> CertInfo:
     ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     category = cert.subject.get_attributes_for_oid(NameOID.BUSINESS_CATEGORY)
     return CertInfo(
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
+        subject=name_string(cert.subject),
+        issuer=name_string(cert.issuer),
         serial=format(cert.serial_number, "x"),
         not_after=cert.not_valid_after_utc.isoformat(),
         common_name=common_name(cert),

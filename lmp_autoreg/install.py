@@ -90,6 +90,7 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
     """
     previous: dict[Path, bytes | None] = {}
     written: list[Path] = []
+    path = sota
     try:
         sota.mkdir(parents=True, exist_ok=True)
         for item in plan:
@@ -100,10 +101,9 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
             LOG.debug("installed %s (%o)", path, item.mode)
         fsync_dir(sota)
     except OSError as e:
-        failed = Path(e.filename) if e.filename else sota
         _restore(previous)
         raise LocalFailure(
-            f"cannot write {failed}: {e.strerror or e}; nothing was installed"
+            f"cannot write {path}: {e.strerror or e}; nothing was installed"
         ) from e
     except BaseException:
         _restore(previous)

@@ -3,11 +3,12 @@
 import stat
 
 import pytest
-from conftest import device_args, run_cli
 
 from lmp_autoreg.errors import BadAnswer, LocalFailure
 from lmp_autoreg.install import PlannedFile, install, is_registered, verify_answer
 from lmp_autoreg.testing.server import Reply
+
+from conftest import device_args, run_cli
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o077, 0o277])
@@ -45,11 +46,9 @@ def test_untrustworthy_answers_write_nothing(device_root, registration_server, s
 
 
 def test_certificate_for_another_uuid_is_rejected(device_root, registration_server, sota):
-    from lmp_autoreg.testing.ca import cert_for_other_key
-
+    ca = registration_server.ca
     registration_server.enqueue(
-        Reply(files=lambda f: {**f, "client.pem": cert_for_other_key(registration_server.ca,
-                                                                     "someone-else")}))
+        Reply(files=lambda f: {**f, "client.pem": ca.cert_for_other_key("someone-else")}))
     run = run_cli(*device_args(device_root, registration_server))
     assert run.returncode == 5 and "not this device" in run.stderr
 
@@ -72,8 +71,9 @@ def test_disk_full_at_unit_level(fs):
     fs.set_disk_usage(200, path="/var/sota")
     from pathlib import Path
 
-    plan = [PlannedFile("pkey.pem", b"k" * 50, 0o600), PlannedFile("sota.toml", b"x" * 500, 0o644)]
-    with pytest.raises(LocalFailure, match="/var/sota"):
+    plan = [PlannedFile("pkey.pem", b"k" * 50, 0o600),
+            PlannedFile("sota.toml", b"x" * 500, 0o644)]
+    with pytest.raises(LocalFailure, match="cannot write /var/sota/sota.toml: No space left"):
         install(Path("/var/sota"), plan)
     assert list(Path("/var/sota").iterdir()) == []
 
