@@ -99,12 +99,12 @@ class Reply:
       as ``text/plain`` unless ``headers`` sets a Content-Type.
     - ``files``: a function given the normal answer's dict (file name -> content) that
       returns the dict to send, e.g. ``lambda f: {**f, "sota.toml": ""}``.
-    - ``wrong_key``: replace ``client.pem`` (and ``client.chained``) with a certificate of
-      the same subject signed by the same CA, but for a key the device does not hold.
     - ``headers``: extra response headers (e.g. ``{"Retry-After": "1"}``).
     - ``truncate``: announce the full Content-Length but send only this many body bytes,
       then close the connection.
     - ``close``: read the request, then close the connection without any answer.
+    - ``wrong_key``: replace ``client.pem`` (and ``client.chained``) with a certificate of
+      the same subject signed by the same CA, but for a key the device does not hold.
     """
 
     status: int = 201
@@ -167,7 +167,7 @@ class Reply:
 
 
 def toml_string(value: str) -> str:
-    """``value`` as a TOML basic string (JSON escapes are a subset TOML accepts)."""
+    """``value`` as a TOML basic string (fine for the paths and URLs the server writes)."""
     return json.dumps(value, ensure_ascii=False)
 
 
