@@ -68,7 +68,9 @@ def _show(summary: dict[str, Any], sota: Path) -> None:
         f"  subject:     {summary['certificate']['subject']}",
         f"  issuer:      {summary['issuer']}",
         f"  valid until: {summary['certificate']['not_after']}",
-        f"  files in {sota}:",
+        f"  files in {sota}:"
+        if summary["device_root"]
+        else "  files (removed with the demo; --keep DIR keeps them):",
     ]
     lines += [f"    {mode}  {name}" for name, mode in (summary["files"] or {}).items()]
     if summary["device_root"]:
