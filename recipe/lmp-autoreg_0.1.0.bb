@@ -1,0 +1,123 @@
+SUMMARY = "First-boot registration of an LmP device with its FoundriesFactory"
+DESCRIPTION = "lmp-autoreg replaces the lmp-device-auto-register shell script: \
+               a Python agent and a hardened systemd unit that register the device \
+               with the Foundries API or with a factory's own registration server, \
+               then start the update client."
+# Placeholders until the project has a public home: see docs/adopting.md.
+HOMEPAGE = "https://git.example.com/lmp-autoreg"
+BUGTRACKER = "https://git.example.com/lmp-autoreg/issues"
+SECTION = "devel/python"
+LICENSE = "BSD-3-Clause"
+LIC_FILES_CHKSUM = "file://pyproject.toml;beginline=11;endline=11;md5=c668b760c4fe50a52153eb863a365b08"
+CVE_PRODUCT = "lmp-autoreg"
+
+# The repository of this project and the commit to build. A factory points both at the
+# mirror it builds from and the commit it has tested (docs/adopting.md).
+LMP_AUTOREG_GIT_URI ?= "git://git.example.com/lmp-autoreg.git;protocol=https;branch=main"
+PV = "0.1.0+git"
+SRC_URI = "${LMP_AUTOREG_GIT_URI}"
+SRCREV = "3f505ff38ad526367b75b4f37d3fcb93c14f0333"
+
+S = "${WORKDIR}/git"
+
+inherit python_setuptools_build_meta systemd
+
+# What lands in /etc/default/lmp-device-auto-register (see lmp_autoreg_settings below).
+# Registration URL; empty: the agent's default, the Foundries API.
+LMP_AUTOREG_DEVICE_API ?= ""
+# Non-empty: production devices (no API token, businessCategory=production in the CSR).
+LMP_AUTOREG_PRODUCTION ?= ""
+# Non-empty: the device name is /etc/hostname instead of the uuid.
+LMP_AUTOREG_USE_HOSTNAME ?= ""
+# Services started once registered, comma separated; empty: none.
+LMP_AUTOREG_START_SERVICES ?= "aktualizr-lite,fioconfig"
+# fioconfig check-in after registering: auto, on or off.
+LMP_AUTOREG_FIOCONFIG ?= "auto"
+# Non-empty: power off after a successful registration.
+LMP_AUTOREG_POWEROFF ?= ""
+# API token with the devices:create scope, for development and CI images only: it is
+# installed as the device's token file when set, unless LMP_AUTOREG_PRODUCTION is set.
+LMP_DEVICE_REGISTER_TOKEN ?= ""
+
+def lmp_autoreg_settings(d):
+    """The KEY=VALUE lines that the recipe variables add to the default file."""
+    lines = []
+    api = (d.getVar("LMP_AUTOREG_DEVICE_API") or "").strip()
+    if api:
+        lines.append("DEVICE_API=" + api)
+    # The agent treats PRODUCTION set to anything, even empty, as production:
+    # the line is written only for production images.
+    if d.getVar("LMP_AUTOREG_PRODUCTION"):
+        lines.append("PRODUCTION=1")
+    if d.getVar("LMP_AUTOREG_USE_HOSTNAME"):
+        lines.append("USE_HOSTNAME=1")
+    lines.append("START_SERVICES=" + (d.getVar("LMP_AUTOREG_START_SERVICES") or "").strip())
+    lines.append("FIOCONFIG=" + ((d.getVar("LMP_AUTOREG_FIOCONFIG") or "").strip() or "auto"))
+    if d.getVar("LMP_AUTOREG_POWEROFF"):
+        lines.append("POWEROFF=1")
+    return lines
+
+def lmp_autoreg_token(d):
+    """The API token to install, or "" for none.
+
+    A token lets whoever holds the image create devices in the factory. It belongs in
+    development and CI images only, so a production image never gets one, even when a
+    token is configured (a CI token set in a shared configuration must not leak).
+    """
+    token = (d.getVar("LMP_DEVICE_REGISTER_TOKEN") or "").strip()
+    if not token:
+        return ""
+    if d.getVar("LMP_AUTOREG_PRODUCTION"):
+        bb.warn("LMP_DEVICE_REGISTER_TOKEN is not installed: LMP_AUTOREG_PRODUCTION is set")
+        return ""
+    return token
+
+do_install:append() {
+    install -D -m 0644 ${S}/systemd/lmp-device-auto-register.service \
+        ${D}${systemd_system_unitdir}/lmp-device-auto-register.service
+    install -D -m 0644 ${S}/systemd/lmp-device-auto-register.default \
+        ${D}${sysconfdir}/default/lmp-device-auto-register
+}
+
+python lmp_autoreg_install_settings() {
+    import os
+    default_file = d.expand("${D}${sysconfdir}/default/lmp-device-auto-register")
+    with open(default_file, "a") as f:
+        for line in lmp_autoreg_settings(d):
+            f.write(line + "\n")
+    token = lmp_autoreg_token(d)
+    if token:
+        token_file = d.expand("${D}${sysconfdir}/lmp-device-register-token")
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+}
+lmp_autoreg_install_settings[doc] = "Write the recipe's settings and, for non-production images, the API token"
+do_install[postfuncs] += "lmp_autoreg_install_settings"
+
+SYSTEMD_SERVICE:${PN} = "lmp-device-auto-register.service"
+
+# python3-core holds argparse, dataclasses, ipaddress, os, pathlib, signal, subprocess,
+# threading, time and urllib.parse. python3-io: socket, ssl, tempfile. python3-netclient:
+# http.client, secrets, urllib.request, uuid. python3-netserver: socketserver (http.server).
+RDEPENDS:${PN} += "python3-core \
+                   python3-cryptography \
+                   python3-datetime \
+                   python3-fcntl \
+                   python3-io \
+                   python3-json \
+                   python3-logging \
+                   python3-netclient \
+                   python3-netserver \
+                   python3-requests \
+                   python3-systemd \
+                   python3-tomllib \
+"
+
+# Replaces the shell-script package: same command, unit and token file.
+RPROVIDES:${PN} += "lmp-device-auto-register"
+RREPLACES:${PN} += "lmp-device-auto-register"
+RCONFLICTS:${PN} += "lmp-device-auto-register"
+
+# A device agent with a systemd unit: there is no native or nativesdk variant.
+BBCLASSEXTEND = ""
