@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
