@@ -8,7 +8,7 @@ HOMEPAGE = "https://git.example.com/lmp-autoreg"
 BUGTRACKER = "https://git.example.com/lmp-autoreg/issues"
 SECTION = "devel/python"
 LICENSE = "BSD-3-Clause"
-LIC_FILES_CHKSUM = "file://pyproject.toml;beginline=11;endline=11;md5=c668b760c4fe50a52153eb863a365b08"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=027b40e2873ae93f89269c7b6ffc02fb"
 CVE_PRODUCT = "lmp-autoreg"
 
 # The repository of this project and the commit to build. A factory points both at the
