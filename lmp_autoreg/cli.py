@@ -146,6 +146,8 @@ def cmd_register(args: argparse.Namespace) -> int:
                   f"valid until {result.certificate['not_after']}")
         print(f"  files in {settings.paths.sota}: "
               + ", ".join(f"{n} ({m})" for n, m in (result.files or {}).items()))
+    LOG.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
+             extra=log.fields(LMP_EXIT_CODE=0))
     return 0
 
 
@@ -182,16 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except AutoregError as e:
         if isinstance(e, AlreadyRegistered):
-            LOG.info("%s", e)
+            known = {"LMP_UUID": e.uuid} if e.uuid else {}
+            LOG.info("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code, **known))
         else:
-            LOG.error("%s", e)
+            LOG.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
         error = e
     except KeyboardInterrupt:
         LOG.error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, with the traceback in -v
         LOG.debug("internal error", exc_info=True)
-        LOG.error("internal error (a bug): %s: %s", type(e).__name__, e)
+        LOG.error("internal error (a bug): %s: %s", type(e).__name__, e,
+                  extra=log.fields(LMP_EXIT_CODE=1))
         error = AutoregError(f"internal error: {type(e).__name__}: {e}")
     if as_json:
         emit_json(_error_json(error, error.exit_code))

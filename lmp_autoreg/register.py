@@ -10,6 +10,7 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import log
 from .errors import AlreadyRegistered, AutoregError, ConfigError
 from .install import is_registered, remove_registration
 from .paths import DevicePaths
@@ -105,6 +106,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
         )
 
     uuid = settings.uuid or str(uuidlib.uuid4())
+    log.add_fields(LMP_UUID=uuid, LMP_FACTORY=settings.factory)
     result = _describe(settings, uuid)
     try:
         return _register(settings, result, dry_run=dry_run, force=force)

@@ -1,6 +1,7 @@
 """Shared test helpers. The fixtures `fake_device`, `device_root`, `registration_server`
 and `registration_server_tls` come from the public test kit (lmp_autoreg.testing.plugin)."""
 
+import importlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ AGENT_ENV = (
     "DEVICE_API", "PRODUCTION", "DEVICE_FACTORY", "HARDWARE_ID", "USE_HOSTNAME", "APPS",
     "DEVICE_GROUP", "TOKEN_FILE", "SOTA_DIR", "BACKEND", "LMP_DEVICE_REGISTER", "FIOCONFIG",
     "FIOCONFIG_BIN", "START_SERVICES", "POWEROFF", "REGISTRATION_TIMEOUT", "CACERT",
-    "TOKEN_HEADER", "NOTIFY_SOCKET",
+    "TOKEN_HEADER", "NOTIFY_SOCKET", "JOURNAL_STREAM",
 )
 
 
@@ -29,6 +30,16 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI but is not installed")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+def require_module(name: str) -> Any:
+    """Import module `name`; a missing one skips the test, but fails it in CI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"Python module {name} is required in CI but is not installed")
+        pytest.skip(f"Python module {name} is not installed")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
