@@ -109,7 +109,12 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
     log.add_fields(LMP_UUID=uuid, LMP_FACTORY=settings.factory)
     result = _describe(settings, uuid)
     try:
-        return _register(settings, result, dry_run=dry_run, force=force)
+        _register(settings, result, dry_run=dry_run, force=force)
+        if result.result == "registered":
+            from .poststeps import run_post_steps
+
+            run_post_steps(settings, result)
+        return result
     except AutoregError as e:
         e.result = result
         raise
