@@ -121,6 +121,10 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
 
 
 def _register(settings: Settings, result: Result, *, dry_run: bool, force: bool) -> Result:
+    if settings.backend == "lmp-device-register":
+        from . import backend_ldr
+
+        return backend_ldr.register(settings, result, dry_run=dry_run, force=force)
     from . import client, identity, install
 
     paths = settings.paths
@@ -159,13 +163,7 @@ def _register(settings: Settings, result: Result, *, dry_run: bool, force: bool)
     install.install(paths.sota, plan)
     names = [item.name for item in plan]
     result.files = install.file_modes(paths.sota, names)
-    cert = identity.describe(identity.load_certificate(files["client.pem"]))
-    result.certificate = {
-        "subject": cert.subject,
-        "issuer": cert.issuer,
-        "serial": cert.serial,
-        "not_after": cert.not_after,
-    }
+    result.certificate = identity.summary(identity.load_certificate(files["client.pem"]))
     result.result = "registered"
     LOG.info("registered: installed %s into %s", ", ".join(names), paths.sota)
     return result
