@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__, log
-from .errors import AlreadyRegistered, AutoregError, ConfigError
+from .errors import AlreadyRegistered, AutoregError, ConfigError, PostStepFailed
 from .settings import BACKENDS, FIOCONFIG_MODES
 
 LOG = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
     data.pop("request", None)
     if isinstance(error, AlreadyRegistered):
         data.update(result="already-registered", uuid=error.uuid, error=None)
+    elif isinstance(error, PostStepFailed):  # exit 7: registered all the same
+        data.update(result="registered", error={"kind": error.kind, "message": str(error)})
     else:
         data.update(result="error", error={"kind": error.kind, "message": str(error)})
     data["exit_code"] = exit_code
@@ -146,6 +148,17 @@ def cmd_register(args: argparse.Namespace) -> int:
                   f"valid until {result.certificate['not_after']}")
         print(f"  files in {settings.paths.sota}: "
               + ", ".join(f"{n} ({m})" for n, m in (result.files or {}).items()))
+    if result.result == "registered" and settings.poweroff:
+        from .poststeps import poweroff
+
+        sys.stdout.flush()  # the result is out before the device goes down
+        try:
+            poweroff(settings)
+        except PostStepFailed as e:  # the result is printed already: report, do not print again
+            LOG.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
+            return e.exit_code
+    LOG.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
+             extra=log.fields(LMP_EXIT_CODE=0))
     return 0
 
 
@@ -182,16 +195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except AutoregError as e:
         if isinstance(e, AlreadyRegistered):
-            LOG.info("%s", e)
+            known = {"LMP_UUID": e.uuid} if e.uuid else {}
+            LOG.info("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code, **known))
         else:
-            LOG.error("%s", e)
+            LOG.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
         error = e
     except KeyboardInterrupt:
         LOG.error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, with the traceback in -v
         LOG.debug("internal error", exc_info=True)
-        LOG.error("internal error (a bug): %s: %s", type(e).__name__, e)
+        LOG.error("internal error (a bug): %s: %s", type(e).__name__, e,
+                  extra=log.fields(LMP_EXIT_CODE=1))
         error = AutoregError(f"internal error: {type(e).__name__}: {e}")
     if as_json:
         emit_json(_error_json(error, error.exit_code))

@@ -112,3 +112,14 @@ def describe(cert: x509.Certificate) -> CertInfo:
         organizational_unit=str(ou[0].value) if ou else None,
         production=any(a.value == "production" for a in category),
     )
+
+
+def summary(cert: x509.Certificate) -> dict[str, str]:
+    """The ``certificate`` object of the JSON result (SPEC section 6)."""
+    info = describe(cert)
+    return {
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "serial": info.serial,
+        "not_after": info.not_after,
+    }

@@ -10,6 +10,7 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import log
 from .errors import AlreadyRegistered, AutoregError, ConfigError
 from .install import is_registered, remove_registration
 from .paths import DevicePaths
@@ -105,15 +106,25 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
         )
 
     uuid = settings.uuid or str(uuidlib.uuid4())
+    log.add_fields(LMP_UUID=uuid, LMP_FACTORY=settings.factory)
     result = _describe(settings, uuid)
     try:
-        return _register(settings, result, dry_run=dry_run, force=force)
+        _register(settings, result, dry_run=dry_run, force=force)
+        if result.result == "registered":
+            from .poststeps import run_post_steps
+
+            run_post_steps(settings, result)
+        return result
     except AutoregError as e:
         e.result = result
         raise
 
 
 def _register(settings: Settings, result: Result, *, dry_run: bool, force: bool) -> Result:
+    if settings.backend == "lmp-device-register":
+        from . import backend_ldr
+
+        return backend_ldr.register(settings, result, dry_run=dry_run, force=force)
     from . import client, identity, install
 
     paths = settings.paths
@@ -152,13 +163,7 @@ def _register(settings: Settings, result: Result, *, dry_run: bool, force: bool)
     install.install(paths.sota, plan)
     names = [item.name for item in plan]
     result.files = install.file_modes(paths.sota, names)
-    cert = identity.describe(identity.load_certificate(files["client.pem"]))
-    result.certificate = {
-        "subject": cert.subject,
-        "issuer": cert.issuer,
-        "serial": cert.serial,
-        "not_after": cert.not_after,
-    }
+    result.certificate = identity.summary(identity.load_certificate(files["client.pem"]))
     result.result = "registered"
     LOG.info("registered: installed %s into %s", ", ".join(names), paths.sota)
     return result

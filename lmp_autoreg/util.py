@@ -64,3 +64,15 @@ def run(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def child_environ(
+    environ: Mapping[str, str],
+    *,
+    drop: Sequence[str] = (),
+    add: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a child: ``environ`` without the names in ``drop``, plus ``add``."""
+    env = {name: value for name, value in environ.items() if name not in drop}
+    env.update(add or {})
+    return env

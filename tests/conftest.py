@@ -1,6 +1,7 @@
 """Shared test helpers. The fixtures `fake_device`, `device_root`, `registration_server`
 and `registration_server_tls` come from the public test kit (lmp_autoreg.testing.plugin)."""
 
+import importlib
 import json
 import os
 import shutil
@@ -17,8 +18,10 @@ AGENT_ENV = (
     "DEVICE_API", "PRODUCTION", "DEVICE_FACTORY", "HARDWARE_ID", "USE_HOSTNAME", "APPS",
     "DEVICE_GROUP", "TOKEN_FILE", "SOTA_DIR", "BACKEND", "LMP_DEVICE_REGISTER", "FIOCONFIG",
     "FIOCONFIG_BIN", "START_SERVICES", "POWEROFF", "REGISTRATION_TIMEOUT", "CACERT",
-    "TOKEN_HEADER", "NOTIFY_SOCKET",
+    "TOKEN_HEADER", "NOTIFY_SOCKET", "JOURNAL_STREAM", "LMP_AUTOREG_SYSTEMD_RUNTIME_DIR",
 )
+# Files of the machine running the tests that an agent on the live root (no --sysroot) reads.
+LIVE_ROOT_FILES = ("/etc/default/lmp-device-auto-register", "/etc/sota/hsm")
 
 
 def require_tool(name: str) -> str:
@@ -35,6 +38,16 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_module(name: str) -> Any:
+    """Import module `name`; a missing one skips the test, but fails it in CI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"Python module {name} is required in CI but is not installed")
+        pytest.skip(f"Python module {name} is not installed")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -79,6 +92,24 @@ def device_args(device, server, *extra: str) -> list[str]:
     """The usual arguments to register the fake `device` against `server`, quickly."""
     return ["--sysroot", str(device.root), "--device-api", server.url, "--fioconfig", "off",
             "--no-start", "--timeout", "3", *extra]
+
+
+def live_device_args(device, server, *extra: str) -> list[str]:
+    """Arguments to register `device` on the live root (no --sysroot, so the post-steps run):
+    its sota dir by absolute path, and every setting given, so nothing of this machine leaks
+    in (the `live_root` fixture checks the files that could)."""
+    return ["--sota-dir", str(device.sota), "--device-api", server.url, "--factory", "acme",
+            "--hwid", "intel-corei7-64", "--tag", "main", "--apps", "app1,app2",
+            "--token-file", str(device.path("/etc/lmp-device-register-token")),
+            "--no-production", "--timeout", "3", *extra]
+
+
+@pytest.fixture
+def live_root() -> None:
+    """Fail when this machine has device files that would leak into a live-root run."""
+    present = [path for path in LIVE_ROOT_FILES if os.path.exists(path)]
+    if present:
+        pytest.fail(f"this machine has {', '.join(present)}: a live-root test would read it")
 
 
 @pytest.fixture

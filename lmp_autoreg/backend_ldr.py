@@ -1,0 +1,332 @@
+"""The ``lmp-device-register`` backend (SPEC section 5): the C++ tool makes the key and CSR,
+sends the request and writes the files; the agent does everything around it.
+
+The agent has already resolved the settings, passed the already-registered guard and
+chosen the uuid. Here it:
+
+- finds the tool: ``--lmp-device-register``/``LMP_DEVICE_REGISTER``, else ``PATH``, else
+  ``/usr/bin/lmp-device-register`` (``ConfigError`` naming each place otherwise);
+- runs it once (``attempt``) as ``lmp-device-register --start-daemon 0 -T <token or na>
+  -n <name> -u <uuid> -t <tag> -f <factory> -i <hwid> -d <sota> [-a <apps>] [-g <group>]
+  [-A <restorable apps>] [-H <token header>] [--hsm-module M --hsm-pin P --hsm-so-pin S]``
+  with ``DEVICE_API`` and (only in production mode) ``PRODUCTION`` in its environment.
+  The tool takes the token and the PINs on its command line and nowhere else, so they
+  are there; they are never logged: the command is shown with them redacted, and they
+  are cut out of whatever the tool prints before it is shown;
+- classifies a failure by the tool's stderr (it exits 255, older versions 1, for every
+  failure): unreachable endpoint, ``HTTP_5xx``/``HTTP_429``, a failed post -> ``NoAnswer``
+  (exit 5, retryable); ``HTTP_4xx`` -> ``ServerRefused`` (4); already registered ->
+  ``AlreadyRegistered`` (3); sota dir not writable, update client running, and anything
+  else it says -> ``LocalFailure`` (6): an unknown failure is most likely local (HSM,
+  options, permissions), and retrying it blindly would not help;
+- checks what it installed: ``sota.toml`` present and valid TOML, ``client.pem`` a
+  certificate for this uuid, and, without an HSM, for the key in ``pkey.pem`` (with one,
+  ``sota.toml`` must carry the ``[p11]`` section the tool appends); a failed check is a
+  ``BadAnswer`` (exit 5). ``pkey.pem`` is then made 0600 (the tool leaves it to the umask).
+
+Whenever the tool fails, times out or its files fail the check, everything it wrote in
+the sota dir is undone (new files removed, changed files restored), so the device never
+looks registered when it is not.
+"""
+
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    AlreadyRegistered,
+    AutoregError,
+    BadAnswer,
+    ConfigError,
+    LocalFailure,
+    NoAnswer,
+    ServerRefused,
+)
+from .install import KEY_MODE, file_modes, remove_registration
+from .settings import DEFAULT_TOKEN_HEADER, Settings
+from .util import child_environ, fsync_dir, run, write_atomic
+
+if TYPE_CHECKING:
+    from .register import Result
+
+LOG = logging.getLogger(__name__)
+
+TOOL = "lmp-device-register"
+DEFAULT_PATH = "/usr/bin/lmp-device-register"
+REDACTED = "<redacted>"
+NO_TOKEN = "na"  # what the shell script passes in production mode; "" would start OAuth
+# Options whose value is a secret.
+SECRET_OPTIONS = ("-T", "--hsm-pin", "--hsm-so-pin")
+# How much of the tool's stderr goes into an error message.
+MESSAGE_LINES = 5
+
+_HTTP_RE = re.compile(r"Unable to create device: HTTP_(\d+)")
+_NO_ANSWER = (
+    "Unable to reach the device registration endpoint",
+    "The device registration endpoint is not healthy",
+    "Unable to post to",
+)
+_ALREADY_RE = re.compile(r"Device (?:is )?already registered|appears to already be registered",
+                         re.IGNORECASE)
+
+
+def find_binary(settings: Settings, environ: Mapping[str, str]) -> str:
+    """The tool to run, or ``ConfigError`` naming every place looked in."""
+    if settings.lmp_device_register:
+        path = settings.lmp_device_register
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise ConfigError(
+                f"{path} (--lmp-device-register or LMP_DEVICE_REGISTER) is not an "
+                "executable file"
+            )
+        return path
+    found = shutil.which(TOOL, path=environ.get("PATH", os.defpath))
+    if found:
+        return found
+    if os.path.isfile(DEFAULT_PATH) and os.access(DEFAULT_PATH, os.X_OK):
+        return DEFAULT_PATH
+    raise ConfigError(
+        f"the lmp-device-register backend needs {TOOL}: looked in --lmp-device-register, "
+        f"$LMP_DEVICE_REGISTER, PATH ({environ.get('PATH', '')}) and {DEFAULT_PATH}"
+    )
+
+
+def command(settings: Settings, binary: str, uuid: str) -> list[str]:
+    """The tool's argv for this device: it carries the token and the PINs."""
+    argv = [
+        binary,
+        "--start-daemon", "0",
+        "-T", settings.token if settings.token is not None else NO_TOKEN,
+        "-n", settings.name or uuid,
+        "-u", uuid,
+        "-t", settings.tag,
+        "-f", settings.factory,
+        "-i", settings.hardware_id,
+        "-d", str(settings.paths.sota),
+    ]  # fmt: skip
+    if settings.apps:
+        argv += ["-a", ",".join(settings.apps)]
+    if settings.device_group:
+        argv += ["-g", settings.device_group]
+    if settings.restorable_apps is not None:
+        argv += ["-A", settings.restorable_apps]
+    if settings.token_header != DEFAULT_TOKEN_HEADER:
+        argv += ["-H", settings.token_header]
+    if settings.hsm is not None:
+        argv += ["--hsm-module", settings.hsm.module, "--hsm-pin", settings.hsm.pin,
+                 "--hsm-so-pin", settings.hsm.so_pin]
+    return argv
+
+
+def redact(argv: list[str]) -> list[str]:
+    """``argv`` with the values of the secret options replaced, for showing."""
+    shown = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg in SECRET_OPTIONS:
+            shown[i + 1] = REDACTED
+    return shown
+
+
+def environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The tool's environment: ours, with DEVICE_API, and PRODUCTION only in production mode
+    (the tool takes PRODUCTION set to anything as production)."""
+    add = {"DEVICE_API": settings.device_api}
+    if settings.production:
+        add["PRODUCTION"] = "1"
+    return child_environ(environ, drop=("PRODUCTION", "NOTIFY_SOCKET"), add=add)
+
+
+def _secrets(settings: Settings) -> list[str]:
+    values = [settings.token] if settings.token else []
+    if settings.hsm is not None:
+        values += [settings.hsm.pin, settings.hsm.so_pin]
+    return [v for v in values if v]
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret replaced, for showing."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def classify(returncode: int, stderr: str) -> AutoregError:
+    """The agent's error for a failed run of the tool, from what it printed on stderr."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    said = " / ".join(lines[-MESSAGE_LINES:]) or "nothing on stderr"
+    message = f"{TOOL} failed (exit status {returncode}): {said}"
+    http = _HTTP_RE.search(stderr)
+    if http:
+        status = int(http.group(1))
+        if 400 <= status < 500 and status != 429:
+            return ServerRefused(message, status)
+        if status == 429 or status >= 500 or status == 0:
+            return NoAnswer(message)
+        return BadAnswer(message)
+    if any(text in stderr for text in _NO_ANSWER):
+        return NoAnswer(message)
+    if _ALREADY_RE.search(stderr):
+        return AlreadyRegistered(message)
+    # "Unable to write to <sota>", "... daemon appears to be running", HSM and usage errors.
+    return LocalFailure(message)
+
+
+def _snapshot(sota: Path) -> dict[str, tuple[bytes, int]]:
+    """The top-level regular files of the sota dir: name -> (content, mode)."""
+    files = {}
+    try:
+        entries = list(os.scandir(sota))
+    except FileNotFoundError:
+        return {}
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            path = Path(entry.path)
+            files[entry.name] = (path.read_bytes(), stat.S_IMODE(entry.stat().st_mode))
+    return files
+
+
+def _changed(sota: Path, before: dict[str, tuple[bytes, int]]) -> list[str]:
+    """Names of the top-level files that are new or different since ``before``."""
+    after = _snapshot(sota)
+    return sorted(n for n, (data, _) in after.items() if n not in before or before[n][0] != data)
+
+
+def _undo(sota: Path, before: dict[str, tuple[bytes, int]]) -> None:
+    """Put the sota dir's top-level files back as ``before`` had them; best effort, logged."""
+    changed = _changed(sota, before)
+    for name in changed:
+        path = sota / name
+        try:
+            if name in before:
+                data, mode = before[name]
+                write_atomic(path, data, mode)
+            else:
+                path.unlink()
+        except OSError as e:
+            LOG.error("could not undo %s: %s", path, e.strerror or e)
+    if changed:
+        LOG.warning("undid what %s wrote: %s", TOOL, ", ".join(changed))
+        try:
+            fsync_dir(sota)
+        except OSError as e:
+            LOG.error("could not sync %s: %s", sota, e.strerror or e)
+
+
+def attempt(
+    settings: Settings, binary: str, uuid: str, *, timeout: float, environ: Mapping[str, str]
+) -> list[str]:
+    """Run the tool once and check what it installed; return the names it wrote.
+
+    Raises ``NoAnswer`` (worth retrying), ``ServerRefused``, ``AlreadyRegistered``,
+    ``BadAnswer`` or ``LocalFailure``; after any of them the sota dir is as it was.
+    """
+    sota = settings.paths.sota
+    argv = command(settings, binary, uuid)
+    secrets = _secrets(settings)
+    try:
+        sota.mkdir(parents=True, exist_ok=True)
+        before = _snapshot(sota)
+    except OSError as e:
+        raise LocalFailure(f"cannot read {sota}: {e.strerror or e}") from e
+    LOG.debug("running %s", " ".join(redact(argv)))
+    try:
+        try:
+            done = run(argv, timeout=timeout, env=environment(settings, environ))
+        except subprocess.TimeoutExpired as e:
+            raise NoAnswer(f"{TOOL} did not finish within {timeout:.1f} s") from e
+        except OSError as e:
+            raise ConfigError(f"cannot run {binary}: {e.strerror or e}") from e
+        for line in scrub(done.stdout, secrets).splitlines():
+            LOG.debug("%s: %s", TOOL, line)
+        if done.returncode != 0:
+            raise classify(done.returncode, scrub(done.stderr, secrets))
+        written = _changed(sota, before)
+        check_installed(sota, uuid=uuid, hsm=settings.hsm is not None)
+        if "pkey.pem" in written:
+            try:
+                os.chmod(sota / "pkey.pem", KEY_MODE)
+            except OSError as e:
+                raise LocalFailure(f"cannot protect {sota / 'pkey.pem'}: {e.strerror or e}") from e
+    except BaseException:
+        _undo(sota, before)
+        raise
+    return written
+
+
+def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
+    """Check the files the tool left in ``sota``; ``BadAnswer`` when they are not usable."""
+    from . import identity
+
+    def read(name: str) -> bytes:
+        try:
+            return (sota / name).read_bytes()
+        except OSError as e:
+            raise BadAnswer(f"{TOOL} succeeded but left no usable {name}: "
+                            f"{e.strerror or e}") from e
+
+    try:
+        toml: dict[str, Any] = tomllib.loads(read("sota.toml").decode("utf-8", "replace"))
+    except tomllib.TOMLDecodeError as e:
+        raise BadAnswer(f"{TOOL} left a sota.toml that is not valid TOML: {e}") from e
+    try:
+        cert = identity.load_certificate(read("client.pem"))
+    except ValueError as e:
+        raise BadAnswer(f"{TOOL} left a client.pem that is not a certificate: {e}") from e
+    if identity.common_name(cert) != uuid:
+        raise BadAnswer(f"{TOOL} left a client.pem for {identity.common_name(cert)!r}, "
+                        f"not this device ({uuid})")
+    if hsm:
+        if "p11" not in toml:
+            raise BadAnswer(f"{TOOL} left a sota.toml without the [p11] section of the HSM")
+        return
+    try:
+        matches = identity.same_public_key(cert, read("pkey.pem"))
+    except ValueError as e:
+        raise BadAnswer(f"{TOOL} left a pkey.pem that is not an EC private key: {e}") from e
+    if not matches:
+        raise BadAnswer(f"{TOOL} left a client.pem that does not certify its pkey.pem")
+
+
+def register(
+    settings: Settings,
+    result: "Result",
+    *,
+    dry_run: bool,
+    force: bool,
+    environ: Mapping[str, str] | None = None,
+) -> "Result":
+    """The backend's part of ``register.register``: fill ``result`` like the native one."""
+    from . import identity
+
+    environ = os.environ if environ is None else environ
+    uuid = result.uuid
+    assert uuid is not None
+    binary = find_binary(settings, environ)
+    if settings.cacert:
+        LOG.warning("--cacert is not passed to %s: it uses the system's CA certificates", TOOL)
+    if dry_run:
+        env = environment(settings, {})
+        result.result = "dry-run"
+        result.request = {"command": redact(command(settings, binary, uuid)), "environment": env}
+        return result
+    if force:
+        removed = remove_registration(settings.paths.sota)
+        if removed:
+            LOG.warning("--force: removed the previous registration (%s)", ", ".join(removed))
+    LOG.info("running %s for %s with factory %s", TOOL, uuid, settings.factory)
+    written = attempt(settings, binary, uuid, timeout=settings.timeout, environ=environ)
+    sota = settings.paths.sota
+    result.files = file_modes(sota, written)
+    result.certificate = identity.summary(
+        identity.load_certificate((sota / "client.pem").read_bytes())
+    )
+    result.result = "registered"
+    LOG.info("registered: %s installed %s into %s", TOOL, ", ".join(written), sota)
+    return result

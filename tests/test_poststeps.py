@@ -1,0 +1,231 @@
+"""Post-steps (fioconfig check-in, service starts, poweroff), through the real CLI with
+fake fioconfig/systemctl executables on PATH that record how they were run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmp_autoreg.poststeps import fioconfig_command, systemd_running
+from lmp_autoreg.settings import resolve
+
+from conftest import device_args, live_device_args, run_cli
+from fakebin import FakeBin
+
+TOKEN = "not-a-real-token"
+
+
+@pytest.fixture
+def fakes(tmp_path) -> FakeBin:
+    bin_ = FakeBin(tmp_path / "bin")
+    bin_.add("fioconfig")
+    bin_.add("systemctl")
+    return bin_
+
+
+@pytest.fixture
+def systemd(tmp_path) -> dict[str, str]:
+    """The environment of an agent that sees systemd running."""
+    runtime = tmp_path / "run-systemd-system"
+    runtime.mkdir()
+    return {"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(runtime)}
+
+
+@pytest.fixture
+def no_systemd(tmp_path) -> dict[str, str]:
+    """The environment of an agent that sees no systemd (whatever runs this machine)."""
+    return {"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(tmp_path / "no-such-dir")}
+
+
+def register(device, server, fakes, env, *extra):
+    return run_cli(*live_device_args(device, server, "--json", *extra),
+                   env=fakes.environ(**env))
+
+
+def commands(fakes: FakeBin) -> list[list[str]]:
+    return [[c.name, *c.argv] for c in fakes.calls()]
+
+
+def test_checkin_then_services_in_order(live_root, device_root, registration_server, fakes,
+                                        systemd):
+    env = {**systemd, "SOTA_DIR": "/elsewhere", "NOTIFY_SOCKET": str(fakes.dir / "nobody")}
+    run = register(device_root, registration_server, fakes, env)
+    assert run.returncode == 0, run.stderr
+    sota = str(device_root.sota)
+    assert commands(fakes) == [
+        ["fioconfig", "--config", "/usr/lib/sota/conf.d", "--config", f"{sota}/sota.toml",
+         "--config", "/etc/sota/conf.d/", "check-in"],
+        ["systemctl", "start", "aktualizr-lite"],
+        ["systemctl", "start", "fioconfig"],
+    ]
+    out = run.json
+    assert out["fioconfig"] == "ok"
+    assert out["services"] == {"aktualizr-lite": "started", "fioconfig": "started"}
+    # The check-in ran after the install: sota.toml was there for it.
+    assert (device_root.sota / "sota.toml").is_file()
+    # fioconfig reads SOTA_DIR as its own config path list; no child gets NOTIFY_SOCKET.
+    checkin = fakes.calls("fioconfig")[0]
+    assert "SOTA_DIR" not in checkin.env
+    assert all("NOTIFY_SOCKET" not in c.env for c in fakes.calls())
+    assert TOKEN not in json.dumps([c.__dict__ for c in fakes.calls()])
+
+
+def test_custom_service_list_and_fioconfig_bin(live_root, device_root, registration_server,
+                                               fakes, systemd, tmp_path):
+    elsewhere = FakeBin(tmp_path / "opt")
+    binary = elsewhere.add("fioconfig")
+    run = register(device_root, registration_server, fakes, systemd,
+                   "--start", "c-svc,a-svc,b-svc", "--fioconfig-bin", str(binary))
+    assert run.returncode == 0, run.stderr
+    assert fakes.calls("fioconfig") == [] and len(elsewhere.calls("fioconfig")) == 1
+    assert commands(fakes) == [["systemctl", "start", s] for s in ("c-svc", "a-svc", "b-svc")]
+    assert list(run.json["services"]) == ["c-svc", "a-svc", "b-svc"]
+
+
+def test_auto_without_fioconfig_skips_it(live_root, device_root, registration_server, fakes,
+                                         systemd):
+    env = fakes.environ(**systemd)
+    (fakes.dir / "fioconfig").unlink()
+    env["PATH"] = str(fakes.dir)  # the agent runs as sys.executable: it needs no PATH
+    run = run_cli(*live_device_args(device_root, registration_server, "--json"), env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "skipped: fioconfig not found in PATH"
+    assert "no fioconfig binary" in run.stderr
+    assert run.json["services"] == {"aktualizr-lite": "started", "fioconfig": "started"}
+
+
+def test_auto_failing_checkin_is_a_warning(live_root, device_root, registration_server, fakes,
+                                           systemd):
+    fakes.set("fioconfig", exit=1, stderr="check-in: HTTP 503 from the device gateway\n")
+    run = register(device_root, registration_server, fakes, systemd)
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "failed: exit status 1" and run.json["error"] is None
+    assert "warning: fioconfig check-in failed (exit status 1)" in run.stderr
+    assert "HTTP 503 from the device gateway" in run.stderr
+    assert run.json["services"] == {"aktualizr-lite": "started", "fioconfig": "started"}
+
+
+def test_checkin_timeout_is_bounded(live_root, device_root, registration_server, fakes, systemd):
+    fakes.set("fioconfig", sleep=30)
+    run = register(device_root, registration_server, fakes, systemd, "--timeout", "1",
+                   "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "failed: timed out after 1 s"
+
+
+def test_on_failing_checkin_exits_7_and_starts_nothing(live_root, device_root,
+                                                       registration_server, fakes, systemd):
+    fakes.set("fioconfig", exit=2, stderr="no network\n")
+    run = register(device_root, registration_server, fakes, systemd, "--fioconfig", "on")
+    assert run.returncode == 7, run.stderr
+    out = run.json
+    assert out["exit_code"] == 7 and out["result"] == "registered"
+    assert out["error"]["kind"] == "post-step" and "fioconfig" in out["error"]["message"]
+    assert out["fioconfig"] == "failed: exit status 2"
+    assert out["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped"}
+    assert fakes.calls("systemctl") == []
+    # Registered all the same: the files stay.
+    assert out["uuid"] and (device_root.sota / "sota.toml").is_file()
+    assert (device_root.sota / "client.pem").is_file()
+
+
+def test_on_without_fioconfig_exits_7(live_root, device_root, registration_server, fakes,
+                                      systemd, tmp_path):
+    missing = str(tmp_path / "nowhere" / "fioconfig")
+    run = register(device_root, registration_server, fakes, systemd, "--fioconfig", "on",
+                   "--fioconfig-bin", missing)
+    assert run.returncode == 7
+    assert run.json["fioconfig"] == f"skipped: fioconfig not found in {missing}"
+    assert f"error: fioconfig check-in skipped: no fioconfig binary (looked in {missing})" \
+        in run.stderr
+
+
+def test_off_runs_no_checkin(live_root, device_root, registration_server, fakes, systemd):
+    run = register(device_root, registration_server, fakes, systemd, "--fioconfig", "off")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "off" and fakes.calls("fioconfig") == []
+    assert len(fakes.calls("systemctl")) == 2
+
+
+def test_failed_start_exits_7_after_trying_all(live_root, device_root, registration_server,
+                                               fakes, systemd):
+    fakes.set("systemctl", when={"aktualizr-lite": {
+        "exit": 5, "stderr": "Failed to start aktualizr-lite.service: Unit not found.\n"}})
+    run = register(device_root, registration_server, fakes, systemd)
+    assert run.returncode == 7
+    out = run.json
+    assert out["services"] == {"aktualizr-lite": "failed", "fioconfig": "started"}
+    assert out["result"] == "registered" and out["error"]["kind"] == "post-step"
+    assert "could not start aktualizr-lite" in out["error"]["message"]
+    assert "Unit not found" in run.stderr
+    assert commands(fakes)[1:] == [["systemctl", "start", "aktualizr-lite"],
+                                   ["systemctl", "start", "fioconfig"]]
+    assert (device_root.sota / "sota.toml").is_file()
+
+
+def test_no_start(live_root, device_root, registration_server, fakes, systemd):
+    run = register(device_root, registration_server, fakes, systemd, "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["services"] == {} and fakes.calls("systemctl") == []
+    assert run.json["fioconfig"] == "ok"
+
+
+def test_poweroff_after_the_result(live_root, device_root, registration_server, fakes,
+                                   systemd):
+    run = register(device_root, registration_server, fakes, systemd, "--poweroff")
+    assert run.returncode == 0, run.stderr
+    assert run.json["result"] == "registered"
+    assert commands(fakes)[-1] == ["systemctl", "poweroff"]
+    assert run.stderr.index("done: registered") > run.stderr.index("powering off")
+
+
+def test_refused_poweroff_exits_7_with_one_json_object(live_root, device_root,
+                                                       registration_server, fakes, systemd):
+    fakes.set("systemctl", when={"poweroff": {"exit": 1, "stderr": "Access denied\n"}})
+    run = register(device_root, registration_server, fakes, systemd, "--poweroff", "--no-start")
+    assert run.returncode == 7
+    assert run.json["result"] == "registered"  # printed before the poweroff: one object
+    assert "the poweroff was refused" in run.stderr and "Access denied" in run.stderr
+
+
+def test_no_poweroff_after_a_failure(live_root, device_root, registration_server, fakes,
+                                     systemd):
+    fakes.set("systemctl", when={"fioconfig": {"exit": 1}})
+    run = register(device_root, registration_server, fakes, systemd, "--poweroff")
+    assert run.returncode == 7
+    assert ["systemctl", "poweroff"] not in commands(fakes)
+
+
+def test_without_systemd_services_are_skipped(live_root, device_root, registration_server,
+                                              fakes, no_systemd):
+    run = register(device_root, registration_server, fakes, no_systemd, "--poweroff")
+    assert run.returncode == 0, run.stderr
+    assert run.json["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped"}
+    assert "systemd is not running: not starting aktualizr-lite, fioconfig" in run.stderr
+    assert "systemd is not running: not powering off" in run.stderr
+    assert fakes.calls("systemctl") == []
+    assert run.json["fioconfig"] == "ok"  # the check-in does not need systemd
+
+
+def test_sysroot_skips_every_post_step(device_root, registration_server, fakes, systemd):
+    args = device_args(device_root, registration_server, "--json")
+    args = [a for a in args if a not in ("--no-start",)]
+    args[args.index("--fioconfig") + 1] = "on"
+    run = run_cli(*args, "--poweroff", env=fakes.environ(**systemd))
+    assert run.returncode == 0, run.stderr
+    note = f"skipped: --sysroot {device_root.root} is not /"
+    assert run.json["fioconfig"] == note
+    assert run.json["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped"}
+    assert f"post-steps {note}" in run.stderr
+    assert fakes.calls() == []
+
+
+def test_fioconfig_command_for_the_default_sota_dir(fake_device):
+    settings = resolve({}, {})
+    assert fioconfig_command(settings, "/usr/bin/fioconfig") == ["/usr/bin/fioconfig", "check-in"]
+
+
+def test_systemd_running_check(tmp_path):
+    assert systemd_running({"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(tmp_path)})
+    assert not systemd_running({"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(tmp_path / "x")})
+    assert systemd_running({}) == Path("/run/systemd/system").is_dir()
