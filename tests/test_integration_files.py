@@ -183,6 +183,8 @@ def test_security_exposure_of_the_unhardened_unit_is_high(tmp_path: Path) -> Non
 def test_unit_runs_once_and_retries(unit: Unit) -> None:
     assert single(unit, "Service", "Type") == "oneshot"
     assert single(unit, "Service", "RemainAfterExit") == "yes"
+    # sd_notify STATUS= lines from the agent reach systemd only with NotifyAccess.
+    assert single(unit, "Service", "NotifyAccess") == "main"
     assert single(unit, "Service", "EnvironmentFile") == "-/etc/default/lmp-device-auto-register"
     for target in ("network-online.target", "time-sync.target"):
         assert target in words(unit, "Unit", "Wants")
