@@ -9,7 +9,13 @@ Read top-down:
 - ``client``    the HTTP request to the registration server
 - ``install``   verify the answer and install it into the sota dir atomically
 - ``register``  the one library function that does a registration end to end
+- ``backend_ldr`` the alternative backend: run the C++ ``lmp-device-register``
+- ``poststeps`` fioconfig check-in, service starts, poweroff
+- ``log``, ``journal``  stderr logging; journald fields and sd_notify under systemd
+- ``util``      the few wrappers that write files and run commands
+- ``status``    is this device registered, and as what
 - ``cli``       argparse, output, JSON, exit codes
+- ``demo``      a whole registration against an embedded loopback server
 - ``testing``   the public test kit (loopback server, fake device, pytest plugin)
 """
 
