@@ -11,8 +11,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import testhook
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
+from .state import journal_path
 from .util import fsync_dir, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -95,10 +97,14 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
         sota.mkdir(parents=True, exist_ok=True)
         for item in plan:
             path = sota / item.name
+            if item.name == "sota.toml":
+                testhook.pause("before-sota-toml")
             previous[path] = _read_or_none(path)
             write_atomic(path, item.data, item.mode)
             written.append(path)
             LOG.debug("installed %s (%o)", path, item.mode)
+            if len(written) == 1:
+                testhook.pause("between-files")
         fsync_dir(sota)
     except OSError as e:
         _restore(previous)
@@ -131,7 +137,12 @@ def _restore(previous: dict[Path, bytes | None]) -> None:
 
 
 def is_registered(sota: Path) -> bool:
-    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration."""
+    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration.
+
+    Never while an install journal exists: then those files are an unfinished install.
+    """
+    if journal_path(sota).exists():
+        return False
     if (sota / "sql.db").exists():
         return True
     toml = sota / "sota.toml"
