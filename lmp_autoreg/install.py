@@ -107,10 +107,13 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
                 testhook.pause("between-files")
         fsync_dir(sota)
     except OSError as e:
-        _restore(previous)
-        raise LocalFailure(
-            f"cannot write {path}: {e.strerror or e}; nothing was installed"
-        ) from e
+        stuck = _restore(previous)
+        outcome = (
+            f"rolled back all but {', '.join(stuck)}, which the next run replaces"
+            if stuck
+            else "nothing was installed"
+        )
+        raise LocalFailure(f"cannot write {path}: {e.strerror or e}; {outcome}") from e
     except BaseException:
         _restore(previous)
         raise
@@ -124,8 +127,9 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def _restore(previous: dict[Path, bytes | None]) -> None:
-    """Put back what ``install`` found; best effort, each failure logged."""
+def _restore(previous: dict[Path, bytes | None]) -> list[str]:
+    """Put back what ``install`` found; best effort. Return the names it could not."""
+    stuck = []
     for path, data in reversed(previous.items()):
         try:
             if data is None:
@@ -134,6 +138,8 @@ def _restore(previous: dict[Path, bytes | None]) -> None:
                 write_atomic(path, data, FILE_MODE if path.name != "pkey.pem" else KEY_MODE)
         except OSError as e:
             LOG.error("could not roll back %s: %s", path, e.strerror or e)
+            stuck.append(path.name)
+    return stuck
 
 
 def is_registered(sota: Path) -> bool:

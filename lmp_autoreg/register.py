@@ -11,7 +11,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import preflight, testhook
-from .errors import AlreadyRegistered, AutoregError, BadAnswer, ConfigError, ServerRefused
+from .errors import (
+    AlreadyRegistered,
+    AutoregError,
+    BadAnswer,
+    ConfigError,
+    LocalFailure,
+    ServerRefused,
+)
 from .install import PlannedFile, is_registered, remove_registration
 from .paths import DevicePaths
 from .retry import Deadline, retry
@@ -223,7 +230,12 @@ def _install(
     from . import identity, install
 
     paths = settings.paths
-    install.install(paths.sota, plan)
+    try:
+        install.install(paths.sota, plan)
+    except LocalFailure:
+        LOG.warning("the server's answer is kept in %s: the next run installs it without "
+                    "asking the server again", state.dir)
+        raise
     state.finish()
     names = [item.name for item in plan]
     result.files = install.file_modes(paths.sota, names)
