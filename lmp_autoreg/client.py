@@ -85,7 +85,7 @@ def _retry_after(response: requests.Response) -> float | None:
         return None  # an HTTP date or garbage: fall back to our own backoff
 
 
-def _server_message(response: requests.Response, content: bytes) -> str:
+def _server_message(response: requests.Response, content: bytes, token: str | None) -> str:
     try:
         text = content.decode(response.encoding or "utf-8", "replace").strip()
     except LookupError:  # a charset Python does not know
@@ -100,6 +100,8 @@ def _server_message(response: requests.Response, content: bytes) -> str:
                 text = data[key]
                 break
     text = " ".join(text.split())
+    if token:  # a server that echoes the request must not make us show the token
+        text = text.replace(token, "<redacted>")
     return text[:MESSAGE_LIMIT] or response.reason or "no message"
 
 
@@ -109,6 +111,7 @@ class RegistrationClient:
     def __init__(self, settings: Settings) -> None:
         self.url = settings.device_api
         self.headers = request_headers(settings)
+        self.token = settings.token
         self.verify: str | bool = settings.cacert or True
         self.session = requests.Session()
 
@@ -148,10 +151,10 @@ class RegistrationClient:
             raise Unreachable(f"cannot reach {self.url}: {_reason(e)}") from e
         except requests.exceptions.RequestException as e:
             raise NoAnswer(f"broken answer from {self.url}: {_reason(e)}") from e
-        return _classify(response, content)
+        return _classify(response, content, self.token)
 
 
-def _classify(response: requests.Response, content: bytes) -> dict[str, str]:
+def _classify(response: requests.Response, content: bytes, token: str | None) -> dict[str, str]:
     status = response.status_code
     if status == 201:
         try:
@@ -163,7 +166,7 @@ def _classify(response: requests.Response, content: bytes) -> dict[str, str]:
         ):
             raise BadAnswer("the server said 201 but its answer is not a map of file names to text")
         return files
-    message = _server_message(response, content)
+    message = _server_message(response, content, token)
     if status == 429 or status >= 500:
         raise NoAnswer(f"server busy or failing (HTTP {status}): {message}", _retry_after(response))
     if 400 <= status < 500:

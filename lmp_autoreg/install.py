@@ -99,8 +99,9 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
             path = sota / item.name
             if item.name == "sota.toml":
                 testhook.pause("before-sota-toml")
-            previous[path] = _read_or_none(path)
-            write_atomic(path, item.data, item.mode)
+            before = _read_or_none(path)
+            write_atomic(path, item.data, item.mode)  # all or nothing: no restore if it fails
+            previous[path] = before
             written.append(path)
             LOG.debug("installed %s (%o)", path, item.mode)
             if len(written) == 1:

@@ -125,8 +125,10 @@ class State:
         """Hold the registration lock for the body of the ``with``; LocalFailure if taken."""
         self._make_dir()
         path = self.dir / LOCK
+        # Held open read-only: a file open for writing would keep the file system from
+        # being remounted read-only (at shutdown, say) while the agent runs.
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as e:
             raise _failure("open the lock", path, e) from e
         try:
@@ -139,8 +141,7 @@ class State:
                     "not starting a second one"
                 ) from None
             try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                path.write_text(f"{os.getpid()}\n", encoding="ascii")
             except OSError as e:  # the lock holds anyway; only the pid is not shown
                 LOG.debug("cannot write the pid into %s: %s", path, e.strerror)
             yield self
