@@ -23,7 +23,7 @@ from .install import PlannedFile, is_registered, remove_registration
 from .paths import DevicePaths
 from .retry import Deadline, retry
 from .settings import Settings
-from .state import State, check_aklite
+from .state import Identity, State, check_aklite
 
 LOG = logging.getLogger(__name__)
 
@@ -137,11 +137,13 @@ def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
     from . import client, identity
 
     pending = None if force else State(settings.paths).peek_identity()
+    uuid, key = settings.uuid or str(uuidlib.uuid4()), identity.new_key()
     if pending is not None and pending.key_pem and settings.uuid in (None, pending.uuid):
-        LOG.info("would reuse the identity of an interrupted attempt: %s", pending.uuid)
-        uuid, key = pending.uuid, identity.key_from_pem(pending.key_pem)
-    else:
-        uuid, key = settings.uuid or str(uuidlib.uuid4()), identity.new_key()
+        try:
+            uuid, key = pending.uuid, identity.key_from_pem(pending.key_pem)
+            LOG.info("would reuse the identity of an interrupted attempt: %s", pending.uuid)
+        except ValueError as e:
+            LOG.warning("would not reuse the pending identity %s: %s", pending.uuid, e)
     _set_uuid(result, settings, uuid)
     csr = identity.make_csr(key, uuid, settings.factory, settings.production)
     result.result = "dry-run"
@@ -181,13 +183,13 @@ def _register(
                     "completing it", journal.uuid)
         try:
             plan = install.verify_answer(journal.files, uuid=journal.uuid, key_pem=journal.key_pem)
-        except BadAnswer as e:
+        except (BadAnswer, ValueError) as e:  # ValueError: an unreadable key
             LOG.warning("the interrupted install cannot be completed: %s", e)
-            state.abandon("starting afresh")
+            state.abandon("asking the server again", keep_identity=True)
         else:
             return _install(settings, state, result, journal.files, plan)
 
-    ident = state.take_identity(settings.uuid, lambda: identity.key_to_pem(identity.new_key()))
+    ident = _take_identity(settings, state)
     uuid, key_pem = ident.uuid, ident.key_pem
     assert key_pem is not None
     _set_uuid(result, settings, uuid)
@@ -221,6 +223,23 @@ def _register(
         http.close()
     state.save_journal(uuid, key_pem, files)
     return _install(settings, state, result, files, plan)
+
+
+def _take_identity(settings: Settings, state: State) -> Identity:
+    """The pending identity, or a new one; a pending key that cannot be read is replaced."""
+    from . import identity
+
+    def new_key() -> bytes:
+        return identity.key_to_pem(identity.new_key())
+
+    ident = state.take_identity(settings.uuid, new_key)
+    try:
+        identity.key_from_pem(ident.key_pem or b"")
+    except ValueError as e:
+        LOG.warning("the key of the pending identity %s cannot be read: %s", ident.uuid, e)
+        state.abandon("an unreadable key")
+        ident = state.take_identity(settings.uuid, new_key)
+    return ident
 
 
 def _install(

@@ -195,9 +195,9 @@ class State:
             self._remove(self.dir / name, warn_only=True)
         self._sync(warn_only=True)
 
-    def abandon(self, why: str) -> None:
-        """Start afresh: drop the pending identity and any journal, and remove the files an
-        unfinished install (from the journal) left in the sota dir."""
+    def abandon(self, why: str, *, keep_identity: bool = False) -> None:
+        """Start afresh: drop any journal, remove the files its unfinished install left in
+        the sota dir, and (unless ``keep_identity``) drop the pending identity."""
         from .install import FILE_NAME_RE
 
         journal = self.load_journal()
@@ -208,9 +208,9 @@ class State:
                 if FILE_NAME_RE.fullmatch(name):  # a plain file name, never a path
                     self._remove(self.sota / name)
             fsync_dir(self.sota)
-        elif (self.dir / IDENTITY).exists():
+        elif (self.dir / IDENTITY).exists() and not keep_identity:
             LOG.info("%s: dropping the pending identity", why)
-        for name in (JOURNAL, IDENTITY):
+        for name in (JOURNAL,) if keep_identity else (JOURNAL, IDENTITY):
             self._remove(self.dir / name)
         self._sync()
 

@@ -123,13 +123,36 @@ def test_409_for_a_reused_identity_says_what_to_do(device_root, registration_ser
     assert "--force" in run.stderr
 
 
-def test_unreadable_identity_is_replaced(device_root, registration_server, sota):
+@pytest.mark.parametrize(
+    ("content", "warning"),
+    [("{not json", "ignoring"),
+     ('{"uuid": "0a0b0c0d-1111-4222-8333-444455556666", "key": "garbage"}', "cannot be read")],
+)
+def test_unreadable_identity_is_replaced(device_root, registration_server, sota, content,
+                                         warning):
     fail_once(device_root, registration_server)
-    (sota / ".lmp-autoreg/identity.json").write_text("{not json")
+    (sota / ".lmp-autoreg/identity.json").write_text(content)
+    run = run_cli(*device_args(device_root, registration_server, "--dry-run"))
+    assert run.returncode == 0, run.stderr
     run = run_cli(*device_args(device_root, registration_server))
     assert run.returncode == 0, run.stderr
-    assert "ignoring" in run.stderr and "identity.json" in run.stderr
+    assert warning in run.stderr
     assert len({r.json["uuid"] for r in registration_server.requests}) == 2
+    assert len({r.json["csr"] for r in registration_server.requests}) == 2
+
+
+def test_unusable_journal_is_abandoned(device_root, registration_server, sota):
+    fail_once(device_root, registration_server)
+    pending = json.loads((sota / ".lmp-autoreg/identity.json").read_text())
+    journal = {**pending, "files": {"client.pem": "not a certificate", "sota.toml": "x"}}
+    (sota / ".lmp-autoreg/install.json").write_text(json.dumps(journal))
+    (sota / "client.pem").write_text("not a certificate")  # what it had installed
+    assert status(device_root)["registered"] is False
+    run = run_cli(*device_args(device_root, registration_server, "--json"))
+    assert run.returncode == 0, run.stderr
+    assert "cannot be completed" in run.stderr
+    assert run.json["uuid"] == pending["uuid"]  # the identity itself is fine: kept
+    assert status(device_root)["registered"] is True
 
 
 def test_second_run_exits_6_naming_the_first(device_root, registration_server, sota, tmp_path):
