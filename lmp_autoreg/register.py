@@ -115,7 +115,6 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
             f"an HSM is configured ({settings.hsm.module}): the native backend makes file "
             "keys only; use --backend lmp-device-register"
         )
-    preflight.warn(token_file=settings.token_place, production=settings.production)
 
     result = _describe(settings, settings.uuid)
     try:
@@ -145,6 +144,7 @@ def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
         except ValueError as e:
             LOG.warning("would not reuse the pending identity %s: %s", pending.uuid, e)
     _set_uuid(result, settings, uuid)
+    preflight.warn(token_file=settings.token_place, production=settings.production)
     csr = identity.make_csr(key, uuid, settings.factory, settings.production)
     result.result = "dry-run"
     result.request = {
@@ -194,6 +194,7 @@ def _register(
     assert key_pem is not None
     _set_uuid(result, settings, uuid)
     LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
+    preflight.warn(token_file=settings.token_place, production=settings.production)
     csr = identity.make_csr(identity.key_from_pem(key_pem), uuid, settings.factory,
                             settings.production)
     body = client.request_body(
@@ -208,8 +209,10 @@ def _register(
         LOG.info("the server answered with %s; verifying", ", ".join(sorted(files)))
         return files, install.verify_answer(files, uuid=uuid, key_pem=key_pem)
 
+    what = f"sending the registration request to {settings.device_api}"
+    LOG.info("%s", what)
     try:
-        files, plan = retry(attempt, deadline, what=f"registering with {settings.device_api}")
+        files, plan = retry(attempt, deadline, what=what)
     except ServerRefused as e:
         if e.status == 409 and ident.reused:
             raise ServerRefused(

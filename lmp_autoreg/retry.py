@@ -91,15 +91,17 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str) -> T:
     """Call ``attempt(budget)`` until it returns; retry ``NoAnswer`` until ``deadline``.
 
     ``budget`` is the most time (seconds) the attempt may take; it is never past the
-    deadline. ``what`` names the attempt in the status lines. Past the deadline, the last
-    ``NoAnswer`` is raised again (same class), saying how many attempts were made.
+    deadline. ``what`` names the attempt in the status lines of the second attempt on
+    (the caller announces the first). Past the deadline, the last ``NoAnswer`` is raised
+    again (same class), saying how many attempts were made.
     """
     number = 0
     failures = 0
     last_unreachable: bool | None = None
     while True:
         number += 1
-        status(f"{what}: attempt {number}")
+        if number > 1:  # the caller announced the first
+            status(f"{what}: attempt {number}")
         try:
             return attempt(min(max(deadline.remaining(), 0.01), ATTEMPT_CAP))
         except NoAnswer as error:
