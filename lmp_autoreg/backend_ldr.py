@@ -22,7 +22,8 @@ chosen the uuid. Here it:
 - checks what it installed: ``sota.toml`` present and valid TOML, ``client.pem`` a
   certificate for this uuid, and, without an HSM, for the key in ``pkey.pem`` (with one,
   ``sota.toml`` must carry the ``[p11]`` section the tool appends); a failed check is a
-  ``BadAnswer`` (exit 5). ``pkey.pem`` is then made 0600 (the tool leaves it to the umask).
+  ``BadAnswer`` (exit 5). The tool runs with umask 077, so its ``pkey.pem`` is 0600 from
+  the start; the public files it wrote are then made 0644.
 
 Whenever the tool fails, times out or its files fail the check, everything it wrote in
 the sota dir is undone (new files removed, changed files restored), so the device never
@@ -48,8 +49,10 @@ from .errors import (
     LocalFailure,
     NoAnswer,
     ServerRefused,
+    Unreachable,
 )
-from .install import KEY_MODE, file_modes, remove_registration
+from .install import FILE_MODE, KEY_MODE, file_modes
+from .retry import Deadline, retry
 from .settings import DEFAULT_TOKEN_HEADER, Settings
 from .util import child_environ, fsync_dir, run, write_atomic
 
@@ -68,8 +71,8 @@ SECRET_OPTIONS = ("-T", "--hsm-pin", "--hsm-so-pin")
 MESSAGE_LINES = 5
 
 _HTTP_RE = re.compile(r"Unable to create device: HTTP_(\d+)")
+_UNREACHABLE = "Unable to reach the device registration endpoint"
 _NO_ANSWER = (
-    "Unable to reach the device registration endpoint",
     "The device registration endpoint is not healthy",
     "Unable to post to",
 )
@@ -170,6 +173,8 @@ def classify(returncode: int, stderr: str) -> AutoregError:
         if status == 429 or status >= 500 or status == 0:
             return NoAnswer(message)
         return BadAnswer(message)
+    if _UNREACHABLE in stderr:
+        return Unreachable(message)  # the network may be coming up: the fast retry
     if any(text in stderr for text in _NO_ANSWER):
         return NoAnswer(message)
     if _ALREADY_RE.search(stderr):
@@ -238,7 +243,9 @@ def attempt(
     LOG.debug("running %s", " ".join(redact(argv)))
     try:
         try:
-            done = run(argv, timeout=timeout, env=environment(settings, environ))
+            # umask 077: the key the tool writes is never readable by others, not even for
+            # a moment; the public files are opened up to 0644 below.
+            done = run(argv, timeout=timeout, env=environment(settings, environ), umask=0o077)
         except subprocess.TimeoutExpired as e:
             raise NoAnswer(f"{TOOL} did not finish within {timeout:.1f} s") from e
         except OSError as e:
@@ -249,11 +256,12 @@ def attempt(
             raise classify(done.returncode, scrub(done.stderr, secrets))
         written = _changed(sota, before)
         check_installed(sota, uuid=uuid, hsm=settings.hsm is not None)
-        if "pkey.pem" in written:
+        for name in written:
+            path = sota / name
             try:
-                os.chmod(sota / "pkey.pem", KEY_MODE)
+                os.chmod(path, KEY_MODE if name == "pkey.pem" else FILE_MODE)
             except OSError as e:
-                raise LocalFailure(f"cannot protect {sota / 'pkey.pem'}: {e.strerror or e}") from e
+                raise LocalFailure(f"cannot set the mode of {path}: {e.strerror or e}") from e
     except BaseException:
         _undo(sota, before)
         raise
@@ -294,15 +302,27 @@ def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
         raise BadAnswer(f"{TOOL} left a client.pem that does not certify its pkey.pem")
 
 
+def dry_run_request(
+    settings: Settings, uuid: str, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """What ``--dry-run`` shows for this backend: the command (redacted) and environment."""
+    binary = find_binary(settings, os.environ if environ is None else environ)
+    return {
+        "command": redact(command(settings, binary, uuid)),
+        "environment": environment(settings, {}),
+    }
+
+
 def register(
     settings: Settings,
     result: "Result",
     *,
-    dry_run: bool,
-    force: bool,
+    deadline: Deadline,
     environ: Mapping[str, str] | None = None,
 ) -> "Result":
-    """The backend's part of ``register.register``: fill ``result`` like the native one."""
+    """The backend's part of ``register.register``: run the tool until it succeeds or the
+    deadline passes (retrying what ``classify`` calls ``NoAnswer``), then fill ``result``
+    like the native backend. The caller holds the lock and has chosen the uuid."""
     from . import identity
 
     environ = os.environ if environ is None else environ
@@ -311,17 +331,13 @@ def register(
     binary = find_binary(settings, environ)
     if settings.cacert:
         LOG.warning("--cacert is not passed to %s: it uses the system's CA certificates", TOOL)
-    if dry_run:
-        env = environment(settings, {})
-        result.result = "dry-run"
-        result.request = {"command": redact(command(settings, binary, uuid)), "environment": env}
-        return result
-    if force:
-        removed = remove_registration(settings.paths.sota)
-        if removed:
-            LOG.warning("--force: removed the previous registration (%s)", ", ".join(removed))
-    LOG.info("running %s for %s with factory %s", TOOL, uuid, settings.factory)
-    written = attempt(settings, binary, uuid, timeout=settings.timeout, environ=environ)
+    what = f"running {TOOL} for {uuid} with factory {settings.factory}"
+    LOG.info("%s", what)
+    written = retry(
+        lambda budget: attempt(settings, binary, uuid, timeout=budget, environ=environ),
+        deadline,
+        what=what,
+    )
     sota = settings.paths.sota
     result.files = file_modes(sota, written)
     result.certificate = identity.summary(

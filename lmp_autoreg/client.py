@@ -8,18 +8,21 @@ one). Retrying is the caller's policy, not this module's.
 
 import json
 import logging
+import time
 from typing import Any
 
 import requests
 
 from . import __version__
-from .errors import BadAnswer, NoAnswer, ServerRefused
+from .errors import BadAnswer, NoAnswer, ServerRefused, Unreachable
 from .settings import Settings
 
 LOG = logging.getLogger(__name__)
 USER_AGENT = f"lmp-device-auto-register/{__version__}"
 # How much of a refusal's body to show: enough for the reference server's messages.
 MESSAGE_LIMIT = 500
+# A connection not made in this time is given up, and retried: the network may be coming up.
+CONNECT_TIMEOUT = 10.0
 
 
 def toml_string(value: str) -> str:
@@ -82,10 +85,13 @@ def _retry_after(response: requests.Response) -> float | None:
         return None  # an HTTP date or garbage: fall back to our own backoff
 
 
-def _server_message(response: requests.Response) -> str:
-    text = response.text.strip()
+def _server_message(response: requests.Response, content: bytes, token: str | None) -> str:
     try:
-        data = response.json()
+        text = content.decode(response.encoding or "utf-8", "replace").strip()
+    except LookupError:  # a charset Python does not know
+        text = content.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
     except ValueError:
         data = None
     if isinstance(data, dict):
@@ -94,6 +100,8 @@ def _server_message(response: requests.Response) -> str:
                 text = data[key]
                 break
     text = " ".join(text.split())
+    if token:  # a server that echoes the request must not make us show the token
+        text = text.replace(token, "<redacted>")
     return text[:MESSAGE_LIMIT] or response.reason or "no message"
 
 
@@ -103,6 +111,7 @@ class RegistrationClient:
     def __init__(self, settings: Settings) -> None:
         self.url = settings.device_api
         self.headers = request_headers(settings)
+        self.token = settings.token
         self.verify: str | bool = settings.cacert or True
         self.session = requests.Session()
 
@@ -110,31 +119,42 @@ class RegistrationClient:
         self.session.close()
 
     def post(self, body: dict[str, Any], timeout: float) -> dict[str, str]:
-        """One attempt: the files of a 201 answer, or an exception saying what happened."""
+        """One attempt of at most ``timeout`` seconds: the files of a 201 answer, or an
+        exception saying what happened (``Unreachable`` when no connection was made)."""
+        end = time.monotonic() + timeout
         try:
             response = self.session.post(
                 self.url,
                 data=json.dumps(body).encode(),
                 headers=self.headers,
-                timeout=timeout,
+                timeout=(min(timeout, CONNECT_TIMEOUT), timeout),
                 verify=self.verify,
                 allow_redirects=False,
+                stream=True,
             )
-            # Read the whole body here, so a connection cut mid-answer is a NoAnswer.
-            content = response.content
+            # Read the whole body here, so a connection cut mid-answer is a NoAnswer, and
+            # bound the whole of it: a read timeout alone bounds each read, not their sum.
+            chunks = []
+            for chunk in response.iter_content(16384):
+                chunks.append(chunk)
+                if time.monotonic() > end:
+                    raise NoAnswer(f"no complete answer from {self.url} within {timeout:.1f} s")
+            content = b"".join(chunks)
         except requests.exceptions.SSLError as e:
             hint = "" if self.verify is not True else " (for a private CA, pass --cacert)"
             raise NoAnswer(f"TLS certificate check of {self.url} failed: {_reason(e)}{hint}") from e
+        except requests.exceptions.ConnectTimeout as e:
+            raise Unreachable(f"cannot reach {self.url} within {timeout:.1f} s") from e
         except requests.exceptions.Timeout as e:
             raise NoAnswer(f"no answer from {self.url} within {timeout:.1f} s") from e
         except requests.exceptions.ConnectionError as e:
-            raise NoAnswer(f"cannot reach {self.url}: {_reason(e)}") from e
+            raise Unreachable(f"cannot reach {self.url}: {_reason(e)}") from e
         except requests.exceptions.RequestException as e:
             raise NoAnswer(f"broken answer from {self.url}: {_reason(e)}") from e
-        return _classify(response, content)
+        return _classify(response, content, self.token)
 
 
-def _classify(response: requests.Response, content: bytes) -> dict[str, str]:
+def _classify(response: requests.Response, content: bytes, token: str | None) -> dict[str, str]:
     status = response.status_code
     if status == 201:
         try:
@@ -146,7 +166,7 @@ def _classify(response: requests.Response, content: bytes) -> dict[str, str]:
         ):
             raise BadAnswer("the server said 201 but its answer is not a map of file names to text")
         return files
-    message = _server_message(response)
+    message = _server_message(response, content, token)
     if status == 429 or status >= 500:
         raise NoAnswer(f"server busy or failing (HTTP {status}): {message}", _retry_after(response))
     if 400 <= status < 500:

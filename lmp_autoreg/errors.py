@@ -55,6 +55,10 @@ class NoAnswer(AutoregError):
         self.retry_after = retry_after
 
 
+class Unreachable(NoAnswer):
+    """No connection at all (refused, no route, no name): the network may be coming up."""
+
+
 class BadAnswer(NoAnswer):
     """The server said 201 but what it sent cannot be trusted or used."""
 

@@ -11,8 +11,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import testhook
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
+from .state import journal_path
 from .util import fsync_dir, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -95,16 +97,24 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
         sota.mkdir(parents=True, exist_ok=True)
         for item in plan:
             path = sota / item.name
-            previous[path] = _read_or_none(path)
-            write_atomic(path, item.data, item.mode)
+            if item.name == "sota.toml":
+                testhook.pause("before-sota-toml")
+            before = _read_or_none(path)
+            write_atomic(path, item.data, item.mode)  # all or nothing: no restore if it fails
+            previous[path] = before
             written.append(path)
             LOG.debug("installed %s (%o)", path, item.mode)
+            if len(written) == 1:
+                testhook.pause("between-files")
         fsync_dir(sota)
     except OSError as e:
-        _restore(previous)
-        raise LocalFailure(
-            f"cannot write {path}: {e.strerror or e}; nothing was installed"
-        ) from e
+        stuck = _restore(previous)
+        outcome = (
+            f"rolled back all but {', '.join(stuck)}, which the next run replaces"
+            if stuck
+            else "nothing was installed"
+        )
+        raise LocalFailure(f"cannot write {path}: {e.strerror or e}; {outcome}") from e
     except BaseException:
         _restore(previous)
         raise
@@ -118,8 +128,9 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def _restore(previous: dict[Path, bytes | None]) -> None:
-    """Put back what ``install`` found; best effort, each failure logged."""
+def _restore(previous: dict[Path, bytes | None]) -> list[str]:
+    """Put back what ``install`` found; best effort. Return the names it could not."""
+    stuck = []
     for path, data in reversed(previous.items()):
         try:
             if data is None:
@@ -128,10 +139,17 @@ def _restore(previous: dict[Path, bytes | None]) -> None:
                 write_atomic(path, data, FILE_MODE if path.name != "pkey.pem" else KEY_MODE)
         except OSError as e:
             LOG.error("could not roll back %s: %s", path, e.strerror or e)
+            stuck.append(path.name)
+    return stuck
 
 
 def is_registered(sota: Path) -> bool:
-    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration."""
+    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration.
+
+    Never while an install journal exists: then those files are an unfinished install.
+    """
+    if journal_path(sota).exists():
+        return False
     if (sota / "sql.db").exists():
         return True
     toml = sota / "sota.toml"

@@ -10,11 +10,20 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import log
-from .errors import AlreadyRegistered, AutoregError, ConfigError
-from .install import is_registered, remove_registration
+from . import log, preflight, testhook
+from .errors import (
+    AlreadyRegistered,
+    AutoregError,
+    BadAnswer,
+    ConfigError,
+    LocalFailure,
+    ServerRefused,
+)
+from .install import PlannedFile, is_registered, remove_registration
 from .paths import DevicePaths
+from .retry import Deadline, retry
 from .settings import Settings
+from .state import Identity, State, check_aklite
 
 LOG = logging.getLogger(__name__)
 
@@ -73,7 +82,7 @@ def check_not_registered(paths: DevicePaths) -> None:
         )
 
 
-def _describe(settings: Settings, uuid: str) -> Result:
+def _describe(settings: Settings, uuid: str | None) -> Result:
     return Result(
         result="",
         uuid=uuid,
@@ -94,8 +103,10 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
 
     Raises an ``AutoregError`` subclass for every failure SPEC section 6 names. With
     ``dry_run`` everything is resolved and the request is returned, but nothing is sent
-    and nothing is written.
+    and nothing is written. Otherwise the whole registration runs under the state lock,
+    retries until ``settings.timeout`` and keeps one identity per device (``state``).
     """
+    deadline = Deadline(settings.timeout)
     paths = settings.paths
     if not force:
         check_not_registered(paths)
@@ -105,62 +116,179 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
             "keys only; use --backend lmp-device-register"
         )
 
-    uuid = settings.uuid or str(uuidlib.uuid4())
-    log.add_fields(LMP_UUID=uuid, LMP_FACTORY=settings.factory)
-    result = _describe(settings, uuid)
+    result = _describe(settings, settings.uuid)
     try:
-        _register(settings, result, dry_run=dry_run, force=force)
-        if result.result == "registered":
-            from .poststeps import run_post_steps
+        if dry_run:
+            return _dry_run(settings, result, force=force)
+        with State(paths).locked() as state:
+            _register(settings, state, result, force=force, deadline=deadline)
+        # After the lock: the check-in may take a while, and the device is registered.
+        from .poststeps import run_post_steps
 
-            run_post_steps(settings, result)
+        run_post_steps(settings, result)
         return result
     except AutoregError as e:
         e.result = result
         raise
 
 
-def _register(settings: Settings, result: Result, *, dry_run: bool, force: bool) -> Result:
+def _set_uuid(result: Result, settings: Settings, uuid: str) -> None:
+    result.uuid = uuid
+    result.name = settings.name or uuid
+    log.add_fields(LMP_UUID=uuid, LMP_FACTORY=settings.factory)
+
+
+def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
+    from . import client, identity
+
+    pending = None if force else State(settings.paths).peek_identity()
+    uuid, key = settings.uuid or str(uuidlib.uuid4()), None
+    if pending is not None and settings.uuid in (None, pending.uuid):
+        uuid = pending.uuid
+        LOG.info("would reuse the identity of an interrupted attempt: %s", pending.uuid)
+        if pending.key_pem:
+            try:
+                key = identity.key_from_pem(pending.key_pem)
+            except ValueError as e:
+                LOG.warning("would not reuse the pending key of %s: %s", pending.uuid, e)
+    _set_uuid(result, settings, uuid)
+    preflight.warn(token_file=settings.token_place, production=settings.production)
+    result.result = "dry-run"
     if settings.backend == "lmp-device-register":
         from . import backend_ldr
 
-        return backend_ldr.register(settings, result, dry_run=dry_run, force=force)
+        result.request = backend_ldr.dry_run_request(settings, uuid)
+        return result
+    csr = identity.make_csr(key or identity.new_key(), uuid, settings.factory,
+                            settings.production)
+    result.request = {
+        "method": "POST",
+        "url": settings.device_api,
+        "headers": client.request_headers(settings, redact=True),
+        "body": client.request_body(
+            settings, uuid=uuid, csr=csr, reset_apps_dir=settings.paths.reset_apps.is_dir()
+        ),
+    }
+    return result
+
+
+def _register(
+    settings: Settings, state: State, result: Result, *, force: bool, deadline: Deadline
+) -> Result:
     from . import client, identity, install
 
     paths = settings.paths
-    uuid = result.uuid
-    assert uuid is not None
-    LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
-    key = identity.new_key()
-    csr = identity.make_csr(key, uuid, settings.factory, settings.production)
-    body = client.request_body(
-        settings, uuid=uuid, csr=csr, reset_apps_dir=paths.reset_apps.is_dir()
-    )
-    if dry_run:
-        result.result = "dry-run"
-        result.request = {
-            "method": "POST",
-            "url": settings.device_api,
-            "headers": client.request_headers(settings, redact=True),
-            "body": body,
-        }
-        return result
-
+    check_aklite(paths)
     if force:
+        state.abandon("--force")
         removed = remove_registration(paths.sota)
         if removed:
             LOG.warning("--force: removed the previous registration (%s)", ", ".join(removed))
+    else:
+        check_not_registered(paths)  # again, under the lock: another run may just have ended
+    state.sweep()
 
-    LOG.info("sending the registration request to %s", settings.device_api)
+    journal = state.load_journal()
+    if journal is not None and settings.uuid not in (None, journal.uuid):
+        state.abandon(f"--uuid {settings.uuid}")
+    elif journal is not None:
+        _set_uuid(result, settings, journal.uuid)
+        LOG.warning("an earlier run was interrupted while installing the answer for %s: "
+                    "completing it", journal.uuid)
+        try:
+            plan = install.verify_answer(journal.files, uuid=journal.uuid, key_pem=journal.key_pem)
+        except (BadAnswer, ValueError) as e:  # ValueError: an unreadable key
+            LOG.warning("the interrupted install cannot be completed: %s", e)
+            state.abandon("asking the server again", keep_identity=True)
+        else:
+            return _install(settings, state, result, journal.files, plan)
+
+    if settings.backend == "lmp-device-register":
+        return _register_with_tool(settings, state, result, deadline)
+    ident = _take_identity(settings, state)
+    uuid, key_pem = ident.uuid, ident.key_pem
+    assert key_pem is not None
+    _set_uuid(result, settings, uuid)
+    LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
+    preflight.warn(token_file=settings.token_place, production=settings.production)
+    csr = identity.make_csr(identity.key_from_pem(key_pem), uuid, settings.factory,
+                            settings.production)
+    body = client.request_body(
+        settings, uuid=uuid, csr=csr, reset_apps_dir=paths.reset_apps.is_dir()
+    )
+    testhook.pause("before-request")
+
     http = client.RegistrationClient(settings)
+
+    def attempt(budget: float) -> tuple[dict[str, str], list[PlannedFile]]:
+        files = http.post(body, timeout=budget)
+        LOG.info("the server answered with %s; verifying", ", ".join(sorted(files)))
+        return files, install.verify_answer(files, uuid=uuid, key_pem=key_pem)
+
+    what = f"sending the registration request to {settings.device_api}"
+    LOG.info("%s", what)
     try:
-        files = http.post(body, timeout=settings.timeout)
+        files, plan = retry(attempt, deadline, what=what)
+    except ServerRefused as e:
+        if e.status == 409 and ident.reused:
+            raise ServerRefused(
+                f"{e} (uuid {uuid} is the identity of an interrupted attempt, which the "
+                "server may have registered then: delete that device on the server and run "
+                "again, or run with --force to register with a new identity)",
+                e.status,
+            ) from e
+        raise
     finally:
         http.close()
-    LOG.info("the server answered with %s; verifying", ", ".join(sorted(files)))
-    key_pem = identity.key_to_pem(key)
-    plan = install.verify_answer(files, uuid=uuid, key_pem=key_pem)
-    install.install(paths.sota, plan)
+    state.save_journal(uuid, key_pem, files)
+    return _install(settings, state, result, files, plan)
+
+
+def _register_with_tool(
+    settings: Settings, state: State, result: Result, deadline: Deadline
+) -> Result:
+    """The lmp-device-register backend: the tool keeps the key, the agent keeps the uuid."""
+    from . import backend_ldr
+
+    ident = state.take_identity(settings.uuid, None)
+    _set_uuid(result, settings, ident.uuid)
+    preflight.warn(token_file=settings.token_place, production=settings.production)
+    backend_ldr.register(settings, result, deadline=deadline)
+    state.finish()
+    return result
+
+
+def _take_identity(settings: Settings, state: State) -> Identity:
+    """The pending identity, or a new one; a pending key that cannot be read is replaced."""
+    from . import identity
+
+    def new_key() -> bytes:
+        return identity.key_to_pem(identity.new_key())
+
+    ident = state.take_identity(settings.uuid, new_key)
+    try:
+        identity.key_from_pem(ident.key_pem or b"")
+    except ValueError as e:
+        LOG.warning("the key of the pending identity %s cannot be read: %s", ident.uuid, e)
+        state.abandon("an unreadable key")
+        ident = state.take_identity(settings.uuid, new_key)
+    return ident
+
+
+def _install(
+    settings: Settings, state: State, result: Result, files: dict[str, str], plan: list[PlannedFile]
+) -> Result:
+    """Install a verified answer (the journal is saved), then drop the state."""
+    from . import identity, install
+
+    paths = settings.paths
+    try:
+        install.install(paths.sota, plan)
+    except LocalFailure:
+        LOG.warning("the server's answer is kept in %s: the next run installs it without "
+                    "asking the server again", state.dir)
+        raise
+    state.finish()
     names = [item.name for item in plan]
     result.files = install.file_modes(paths.sota, names)
     result.certificate = identity.summary(identity.load_certificate(files["client.pem"]))

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .paths import DEFAULTS_FILE, HSM_CONFIG, OS_RELEASE, SOTA_TAG, DevicePaths
+from .preflight import check_token_transport
 
 DEFAULT_DEVICE_API = "https://api.foundries.io/ota/devices/"
 DEFAULT_TOKEN_HEADER = "OSF-TOKEN"
@@ -218,6 +219,8 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
 
     device_group, _, _ = src.first("device group", "--device-group", "DEVICE_GROUP")
     token, token_place = _token(cli, src, paths, production)
+    check_token_transport(device_api, has_token=token is not None,
+                          allow_insecure=bool(cli.get("allow_insecure_token")))
     token_header, _, _ = src.first("token header", "--api-token-header", "TOKEN_HEADER")
 
     backend, place, _ = src.first("backend", "--backend", "BACKEND")

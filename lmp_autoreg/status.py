@@ -4,18 +4,21 @@ from typing import Any
 
 from .install import is_registered
 from .paths import DevicePaths
+from .state import State
 
 
 def device_status(paths: DevicePaths) -> dict[str, Any]:
     """SPEC section 6's status object for the device at ``paths``."""
+    registered = is_registered(paths.sota)
     status: dict[str, Any] = {
-        "registered": is_registered(paths.sota),
+        "registered": registered,
         "uuid": None,
         "factory": None,
         "production": None,
         "not_after": None,
         "sota_dir": str(paths.sota_device),
-        "pending": False,
+        # An interrupted attempt waits (its identity, or an unfinished install).
+        "pending": not registered and State(paths).has_pending(),
     }
     try:
         pem = paths.in_sota("client.pem").read_bytes()

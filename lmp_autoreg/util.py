@@ -47,12 +47,17 @@ def fsync_dir(path: Path) -> None:
 
 
 def run(
-    argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    umask: int = -1,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, capture its output as text, and never wait longer than ``timeout``.
 
-    Raises ``OSError`` when it cannot be started and ``subprocess.TimeoutExpired`` when it
-    overruns (the child is killed). A non-zero exit is returned, not raised.
+    ``umask`` (when not -1) is the child's: files it creates never have more than that
+    allows. Raises ``OSError`` when it cannot be started and ``subprocess.TimeoutExpired``
+    when it overruns (the child is killed). A non-zero exit is returned, not raised.
     """
     LOG.debug("running %s", argv[0])
     return subprocess.run(
@@ -63,6 +68,7 @@ def run(
         env=dict(env) if env is not None else None,
         stdin=subprocess.DEVNULL,
         check=False,
+        umask=umask,
     )
 
 

@@ -1,7 +1,7 @@
 """Fake executables on PATH (fioconfig, systemctl, lmp-device-register) for tests.
 
 Each fake is a small Python script in a temporary bin directory. Every run appends one
-JSON line to ``calls.jsonl`` in that directory (its name, argv and environment), so a test
+JSON line to ``calls.jsonl`` in that directory (its name, argv, environment and umask), so a test
 sees which commands ran, in which order, with what. What a fake does is read at each run
 from ``<name>.json`` next to it, so a test can change it between runs:
 
@@ -31,8 +31,11 @@ _RECORD = """\
 import json, os, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = os.path.basename(sys.argv[0])
+UMASK = os.umask(0)
+os.umask(UMASK)
 with open(os.path.join(HERE, "calls.jsonl"), "a") as log:
-    log.write(json.dumps({"name": NAME, "argv": sys.argv[1:], "env": dict(os.environ)}) + "\\n")
+    log.write(json.dumps({"name": NAME, "argv": sys.argv[1:], "env": dict(os.environ),
+                          "umask": UMASK}) + "\\n")
 try:
     with open(os.path.join(HERE, NAME + ".json")) as f:
         CONF = json.load(f)
@@ -127,6 +130,7 @@ class Call:
     name: str
     argv: list[str]
     env: dict[str, str]
+    umask: int
 
 
 class FakeBin:

@@ -15,6 +15,7 @@ from lmp_autoreg.errors import (
     LocalFailure,
     NoAnswer,
     ServerRefused,
+    Unreachable,
 )
 from lmp_autoreg.settings import resolve
 from lmp_autoreg.testing.server import Reply
@@ -86,7 +87,7 @@ def test_environment(fake_device):
     ("stderr", "error", "status"),
     [
         ("Unable to reach the device registration endpoint https://api.foundries.io/ota/devices/"
-         "; err: Couldn't resolve host name\n", NoAnswer, None),
+         "; err: Couldn't resolve host name\n", Unreachable, None),
         ("The device registration endpoint is not healthyhttps://x/; status code: 503\n",
          NoAnswer, None),
         ("Unable to post to https://x/: Timeout was reached\n", NoAnswer, None),
@@ -163,7 +164,8 @@ def ldr_args(device, server, *extra) -> list[str]:
 
 
 def sota_listing(device) -> list[str]:
-    return sorted(p.name for p in device.sota.iterdir())
+    """The sota dir without the agent's own state (the pending uuid stays after a failure)."""
+    return sorted(p.name for p in device.sota.iterdir() if p.name != ".lmp-autoreg")
 
 
 def test_registers_through_the_tool(live_root, device_root, registration_server, fakes, env):
@@ -180,6 +182,7 @@ def test_registers_through_the_tool(live_root, device_root, registration_server,
                          "-t", "main", "-f", "acme", "-i", "intel-corei7-64",
                          "-d", str(device_root.sota), "-a", "app1,app2"]
     assert call.env["DEVICE_API"] == registration_server.url and "PRODUCTION" not in call.env
+    assert call.umask == 0o077  # the tool's key is never readable by others, even briefly
     [request] = registration_server.requests
     assert request.json["uuid"] == uuid and request.headers["OSF-TOKEN"] == TOKEN
     # The same post-steps as the native backend, after the tool.
@@ -242,7 +245,21 @@ def test_tool_messages_become_exit_codes(live_root, device_root, registration_se
         assert run.json["error"]["kind"] == kind
         assert stderr.splitlines()[0] in run.json["error"]["message"]
     assert sota_listing(device_root) == before
-    assert [c.name for c in fakes.calls()] == ["lmp-device-register"]  # no post-steps
+    calls = fakes.calls()
+    assert {c.name for c in calls} == {"lmp-device-register"}  # no post-steps
+    assert len({c.argv[c.argv.index("-u") + 1] for c in calls}) == 1  # one uuid, retried or not
+
+
+def test_tool_failures_worth_retrying_are_retried_with_one_uuid(
+    live_root, device_root, registration_server, fakes, env
+):
+    registration_server.enqueue(Reply(status=503), Reply(status=503))
+    run = run_cli(*ldr_args(device_root, registration_server, "--timeout", "10"), env=env)
+    assert run.returncode == 0, run.stderr
+    requests = registration_server.requests
+    assert len(requests) == 3
+    assert {r.json["uuid"] for r in requests} == {run.json["uuid"]}
+    assert "attempt 1 failed" in run.stderr and "HTTP_503" in run.stderr
 
 
 def test_real_refusal_and_unreachable_server(live_root, device_root, registration_server,
@@ -272,7 +289,9 @@ def test_what_the_tool_wrote_is_undone_on_failure(live_root, device_root, regist
     run = run_cli(*ldr_args(device_root, registration_server), env=env)
     assert run.returncode == code, run.stderr
     assert message in run.json["error"]["message"]
-    assert len(registration_server.requests) == 1  # the tool did register, then failed
+    # The tool did register, then failed; retries (exit 5) keep the same uuid.
+    assert len(registration_server.requests) >= 1
+    assert len({r.json["uuid"] for r in registration_server.requests}) == 1
     after = {p.name: p.read_bytes() for p in device_root.sota.iterdir() if p.is_file()}
     assert after == before
     assert "undid what lmp-device-register wrote" in run.stderr
@@ -282,7 +301,8 @@ def test_tool_timeout(live_root, device_root, registration_server, fakes, env):
     fakes.set("lmp-device-register", sleep=30)
     run = run_cli(*ldr_args(device_root, registration_server, "--timeout", "1"), env=env)
     assert run.returncode == 5
-    assert "did not finish within 1.0 s" in run.json["error"]["message"]
+    message = run.json["error"]["message"]
+    assert "lmp-device-register did not finish within" in message and "gave up" in message
 
 
 def test_missing_tool_exits_2_naming_where_it_looked(live_root, device_root,

@@ -141,9 +141,11 @@ def test_factory_mismatch_is_refused(tmp_path):
 
 def test_5xx_exits_5_and_installs_nothing(device_root, registration_server, sota):
     registration_server.default = Reply.html_500()
-    run = run_cli(*device_args(device_root, registration_server, "--json"))
+    run = run_cli(*device_args(device_root, registration_server, "--json", "--timeout", "1"))
     assert run.returncode == 5 and run.json["error"]["kind"] == "no-answer"
-    assert listing(sota) == ["compose-apps", "compose-apps/app1",
+    # Only the pending identity (for the next run) and the lock are left.
+    assert listing(sota) == [".lmp-autoreg", ".lmp-autoreg/identity.json", ".lmp-autoreg/lock",
+                             "compose-apps", "compose-apps/app1",
                              "compose-apps/app1/docker-compose.yml", "compose-apps/app2",
                              "compose-apps/app2/docker-compose.yml"]
 
@@ -170,14 +172,14 @@ def test_unwritable_sota_dir_exits_6_and_rolls_back(device_root, registration_se
     assert run.json["error"]["kind"] == "local" and "sota.toml" in run.json["error"]["message"]
     for name in ("pkey.pem", "client.pem", "root.crt", "client.chained"):
         assert not (sota / name).exists()
-    assert [p.name for p in sota.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in sota.iterdir() if p.name.startswith(".")] == [".lmp-autoreg"]
 
 
 def test_bad_answers_exit_5_and_write_nothing(device_root, registration_server, sota):
     for reply in (Reply.bad_name("../evil"), Reply.other_key(), Reply.without("client.pem"),
                   Reply.not_json()):
-        registration_server.enqueue(reply)
-        run = run_cli(*device_args(device_root, registration_server, "--json"))
+        registration_server.default = reply
+        run = run_cli(*device_args(device_root, registration_server, "--json", "--timeout", "1"))
         assert run.returncode == 5, (reply, run.stderr)
         assert run.json["error"]["kind"] == "bad-answer"
         assert not (sota / "pkey.pem").exists() and not (sota / "sota.toml").exists()
@@ -186,7 +188,7 @@ def test_bad_answers_exit_5_and_write_nothing(device_root, registration_server, 
 
 def test_https_with_and_without_cacert(device_root, registration_server_tls, sota):
     server = registration_server_tls
-    run = run_cli(*device_args(device_root, server))
+    run = run_cli(*device_args(device_root, server, "--timeout", "1"))
     assert run.returncode == 5 and "certificate" in run.stderr.lower()
     assert "--cacert" in run.stderr and server.requests == []
     run = run_cli(*device_args(device_root, server, "--cacert", str(server.ca_file)))

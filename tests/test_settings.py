@@ -38,11 +38,12 @@ def test_device_files_alone(fake_device):
 )
 def test_cli_beats_env_beats_defaults_file_beats_device(fake_device, flag, env, attr, file_value):
     assert getattr(resolve({}, {}), attr) == file_value
-    write(DEFAULTS, f'# comment\n{env}="http://from-file/"\n')
-    assert getattr(resolve({}, {}), attr) == "http://from-file/"
-    assert getattr(resolve({}, {env: "http://from-env/"}), attr) == "http://from-env/"
-    cli = {flag: "http://from-cli/"}
-    assert getattr(resolve(cli, {env: "http://from-env/"}), attr) == "http://from-cli/"
+    write(DEFAULTS, f'# comment\n{env}="http://localhost/from-file/"\n')
+    assert getattr(resolve({}, {}), attr) == "http://localhost/from-file/"
+    from_env = {env: "http://localhost/from-env/"}
+    assert getattr(resolve({}, from_env), attr) == "http://localhost/from-env/"
+    cli = {flag: "http://localhost/from-cli/"}
+    assert getattr(resolve(cli, from_env), attr) == "http://localhost/from-cli/"
 
 
 def test_tag_from_sota_tag_then_os_release(fake_device):

@@ -1,0 +1,291 @@
+"""The agent's own state, in ``<sota>/.lmp-autoreg`` (mode 0700): lock, identity, journal.
+
+- ``lock``: an exclusive ``flock`` held for the whole registration, the holder's pid in it.
+  A second run (the unit and a jig at once) fails at once, naming that pid.
+- ``identity.json`` (0600): the *pending identity*, the uuid and private key of an attempt
+  not yet installed. It is saved before the first request, so that a retry, a crash, a
+  power cut or the next run use the same identity and the server sees one device. It is
+  removed after a successful install; ``--force`` or another ``--uuid`` drop it.
+- ``install.json`` (0600): the *install journal*, the server's verified answer (and the
+  key), saved before the first file is installed and removed once ``sota.toml`` is in
+  place. While it exists the device is not registered (``install.is_registered``), and the
+  next run completes the install from it without asking the server again (which might
+  refuse a uuid it already knows).
+
+Every write is atomic and fsync-ed (``util.write_atomic``), directory included.
+"""
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LocalFailure
+from .paths import DevicePaths
+from .util import fsync_dir, write_atomic
+
+LOG = logging.getLogger(__name__)
+
+STATE_DIR = ".lmp-autoreg"
+LOCK = "lock"
+IDENTITY = "identity.json"
+JOURNAL = "install.json"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+# Temporary files of util.write_atomic that a killed run may leave behind.
+TEMP_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]*\.tmp-[0-9]+")
+
+
+def journal_path(sota: Path) -> Path:
+    return sota / STATE_DIR / JOURNAL
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A device identity: its uuid and (native backend) its private key, PEM."""
+
+    uuid: str
+    key_pem: bytes | None = field(repr=False)
+    reused: bool = False  # True when it comes from an interrupted attempt
+
+
+@dataclass(frozen=True)
+class Journal:
+    """An answer the server gave, verified, whose install did not finish."""
+
+    uuid: str
+    key_pem: bytes | None = field(repr=False)
+    files: dict[str, str] = field(repr=False)
+
+
+def _failure(action: str, path: Path, error: OSError) -> LocalFailure:
+    return LocalFailure(f"cannot {action} {path}: {error.strerror or error}")
+
+
+class State:
+    """The state directory of the device at ``paths``. Only ``peek_identity`` and
+    ``has_pending`` may be used without the lock (they only read)."""
+
+    def __init__(self, paths: DevicePaths) -> None:
+        self.sota = paths.sota
+        self.dir = paths.state_dir
+
+    # -- reading, without the lock --------------------------------------------------------
+
+    def has_pending(self) -> bool:
+        """An interrupted attempt's identity or journal is waiting."""
+        return (self.dir / IDENTITY).exists() or (self.dir / JOURNAL).exists()
+
+    def peek_identity(self) -> Identity | None:
+        """The pending identity, or None (missing or unreadable). Reads only."""
+        data = self._load(IDENTITY)
+        if data is None:
+            return None
+        return Identity(data["uuid"], _key(data), reused=True)
+
+    def load_journal(self) -> Journal | None:
+        data = self._load(JOURNAL)
+        if data is None:
+            return None
+        files = data.get("files")
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        ):
+            LOG.warning("ignoring %s: it holds no answer", self.dir / JOURNAL)
+            return None
+        return Journal(data["uuid"], _key(data), files)
+
+    def _load(self, name: str) -> dict | None:
+        path = self.dir / name
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            LOG.warning("ignoring %s: %s", path, getattr(e, "strerror", None) or e)
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("uuid"), str):
+            LOG.warning("ignoring %s: it holds no uuid", path)
+            return None
+        if not isinstance(data.get("key"), str | None):
+            LOG.warning("ignoring %s: its key is not text", path)
+            return None
+        return data
+
+    # -- the lock -------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator["State"]:
+        """Hold the registration lock for the body of the ``with``; LocalFailure if taken."""
+        self._make_dir()
+        path = self.dir / LOCK
+        # Held open read-only: a file open for writing would keep the file system from
+        # being remounted read-only (at shutdown, say) while the agent runs.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except OSError as e:
+            raise _failure("open the lock", path, e) from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise LocalFailure(
+                    f"another registration is running (pid {holder} holds {path}); "
+                    "not starting a second one"
+                ) from None
+            try:
+                path.write_text(f"{os.getpid()}\n", encoding="ascii")
+            except OSError as e:  # the lock holds anyway; only the pid is not shown
+                LOG.debug("cannot write the pid into %s: %s", path, e.strerror)
+            yield self
+        finally:
+            os.close(fd)
+
+    def _make_dir(self) -> None:
+        try:
+            if not self.dir.is_dir():
+                self.sota.mkdir(parents=True, exist_ok=True)
+                self.dir.mkdir(mode=DIR_MODE, exist_ok=True)
+                fsync_dir(self.sota)
+            if self.dir.stat().st_mode & 0o777 != DIR_MODE:
+                self.dir.chmod(DIR_MODE)
+        except OSError as e:
+            raise _failure("create", self.dir, e) from e
+
+    # -- writing, with the lock held ------------------------------------------------------
+
+    def take_identity(
+        self, requested: str | None, new_key: Callable[[], bytes] | None
+    ) -> Identity:
+        """The identity for this attempt, saved before it is used.
+
+        The pending identity, unless ``requested`` (an explicit uuid) differs; else a new
+        one: ``requested`` or a random uuid, with ``new_key()`` (None: the backend keeps
+        the key itself, as lmp-device-register and an HSM do).
+        """
+        import uuid as uuidlib
+
+        pending = self.peek_identity()
+        if pending is not None and requested in (None, pending.uuid):
+            LOG.info("reusing the identity of an interrupted attempt: %s", pending.uuid)
+            if pending.key_pem is not None or new_key is None:
+                return pending
+            identity = Identity(pending.uuid, new_key(), reused=True)
+        else:
+            if pending is not None:
+                LOG.info("--uuid %s: dropping the pending identity %s", requested, pending.uuid)
+            key = new_key() if new_key is not None else None
+            identity = Identity(requested or str(uuidlib.uuid4()), key)
+        self._write(IDENTITY, {"uuid": identity.uuid, "key": _text(identity.key_pem)})
+        return identity
+
+    def save_journal(self, uuid: str, key_pem: bytes | None, files: dict[str, str]) -> None:
+        self._write(JOURNAL, {"uuid": uuid, "key": _text(key_pem), "files": files})
+
+    def finish(self) -> None:
+        """After a successful install: drop the journal, then the pending identity."""
+        for name in (JOURNAL, IDENTITY):
+            self._remove(self.dir / name, warn_only=True)
+        self._sync(warn_only=True)
+
+    def abandon(self, why: str, *, keep_identity: bool = False) -> None:
+        """Start afresh: drop any journal, remove the files its unfinished install left in
+        the sota dir, and (unless ``keep_identity``) drop the pending identity."""
+        from .install import FILE_NAME_RE
+
+        journal = self.load_journal()
+        if journal is not None:
+            names = [*journal.files, "pkey.pem"] if journal.key_pem else list(journal.files)
+            LOG.warning("%s: abandoning the unfinished install of %s", why, journal.uuid)
+            for name in names:
+                if FILE_NAME_RE.fullmatch(name):  # a plain file name, never a path
+                    self._remove(self.sota / name)
+            fsync_dir(self.sota)
+        elif (self.dir / IDENTITY).exists() and not keep_identity:
+            LOG.info("%s: dropping the pending identity", why)
+        for name in (JOURNAL,) if keep_identity else (JOURNAL, IDENTITY):
+            self._remove(self.dir / name)
+        self._sync()
+
+    def sweep(self) -> None:
+        """Remove temporary files a killed run left (we hold the lock: none are live)."""
+        for directory in (self.sota, self.dir):
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                if TEMP_RE.fullmatch(name):
+                    LOG.debug("removing the leftover %s", directory / name)
+                    self._remove(directory / name)
+
+    def _write(self, name: str, data: dict) -> None:
+        path = self.dir / name
+        try:
+            write_atomic(path, json.dumps(data).encode(), FILE_MODE)
+            fsync_dir(self.dir)
+        except OSError as e:
+            raise _failure("write", path, e) from e
+
+    def _remove(self, path: Path, *, warn_only: bool = False) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            if not warn_only:
+                raise _failure("remove", path, e) from e
+            LOG.warning("cannot remove %s: %s", path, e.strerror or e)
+
+    def _sync(self, *, warn_only: bool = False) -> None:
+        try:
+            fsync_dir(self.dir)
+        except OSError as e:
+            if not warn_only:
+                raise _failure("sync", self.dir, e) from e
+            LOG.warning("cannot sync %s: %s", self.dir, e.strerror or e)
+
+
+def _text(key_pem: bytes | None) -> str | None:
+    return key_pem.decode("ascii") if key_pem is not None else None
+
+
+def _key(data: dict) -> bytes | None:
+    key = data.get("key")
+    return key.encode("ascii") if isinstance(key, str) else None
+
+
+def check_aklite(paths: DevicePaths) -> None:
+    """LocalFailure when aktualizr-lite runs: someone holds its lock file.
+
+    aktualizr-lite takes an exclusive ``flock`` on ``/var/lock/aklite.lock`` (older
+    versions a POSIX record lock); a shared try of both fails while it holds either. The
+    file is only opened for reading and never created, and the lock is not kept: the update
+    client must be free to start as soon as ``sota.toml`` appears.
+    """
+    path = paths.aklite_lock
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise _failure("check", path, e) from e
+    try:
+        for take in (fcntl.flock, fcntl.lockf):
+            try:
+                take(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise _failure("check", path, e) from e
+                raise LocalFailure(
+                    f"aktualizr-lite is running (it holds {path}): the device is in use by "
+                    "the update client; stop it before registering"
+                ) from None
+            take(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,129 @@
+"""Crash safety (issue 4, point 4): kill -9 the real agent at each step, then run it again.
+
+After the kill the device must not look registered; the rerun must end in a correctly
+registered device with the *same* uuid. The server here refuses a uuid it has already
+registered (409), as the reference server does, so a rerun that asked again after the
+server had answered would fail: an interrupted install must be completed from the answer
+the agent kept.
+"""
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from lmp_autoreg import identity
+from lmp_autoreg.testing.server import RegistrationServer, Reply
+
+from conftest import clean_env, device_args, run_cli
+from pausing import AGENT, Paused
+
+REGISTERED = ["client.chained", "client.pem", "pkey.pem", "root.crt", "sota.toml"]
+
+
+@pytest.fixture
+def server():
+    with RegistrationServer() as server:
+        server.reject_duplicates = True
+        yield server
+
+
+def status(device) -> dict:
+    run = run_cli("status", "--sysroot", str(device.root), "--json")
+    assert run.returncode == (0 if run.json["registered"] else 1)
+    return run.json
+
+
+def installed(sota) -> list[str]:
+    return sorted(p.name for p in sota.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def assert_registered_as(device, sota, uuid: str) -> None:
+    assert installed(sota) == REGISTERED
+    cert = identity.load_certificate((sota / "client.pem").read_bytes())
+    assert identity.common_name(cert) == uuid
+    assert identity.same_public_key(cert, (sota / "pkey.pem").read_bytes())
+    assert status(device) == {**status(device), "registered": True, "uuid": uuid,
+                              "pending": False}
+    assert sorted(p.name for p in (sota / ".lmp-autoreg").iterdir()) == ["lock"]
+
+
+def kill_at(step: str, device, server, marker) -> None:
+    """Start the agent and kill -9 it at ``step``."""
+    args = device_args(device, server)
+    if step == "awaiting-answer":  # no hook needed: the server takes its time
+        server.enqueue(Reply.hang(30))
+        agent = subprocess.Popen([*AGENT, *args, "--timeout", "20"], env=clean_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 20
+            while not server.requests and time.monotonic() < end:
+                time.sleep(0.01)
+            assert server.requests, "the agent sent no request"
+        finally:
+            agent.send_signal(signal.SIGKILL)
+            agent.wait()
+        return
+    with Paused(step, marker, args) as agent:
+        agent.kill()
+
+
+# step -> requests the server has seen once the rerun is done
+STEPS = {
+    "before-request": 1,  # the killed run sent nothing
+    "awaiting-answer": 2,  # the server never answered the first: asked again
+    "between-files": 1,  # the answer was kept: installed without asking again
+    "before-sota-toml": 1,
+}
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_kill_9_then_rerun_registers_the_same_uuid(device_root, server, sota, tmp_path, step):
+    kill_at(step, device_root, server, tmp_path / "marker")
+    after_kill = status(device_root)
+    assert after_kill["registered"] is False and after_kill["pending"] is True
+    assert not (sota / "sota.toml").exists()
+
+    run = run_cli(*device_args(device_root, server, "--json"))
+    assert run.returncode == 0, run.stderr
+    uuid = run.json["uuid"]
+    assert len(server.requests) == STEPS[step]
+    assert {r.json["uuid"] for r in server.requests} == {uuid}
+    assert list(server.registered) == [uuid]  # the server knows one device
+    assert_registered_as(device_root, sota, uuid)
+    if STEPS[step] == 1 and step != "before-request":
+        assert "completing it" in run.stderr
+
+
+def test_a_leftover_sota_toml_never_makes_a_half_install_look_registered(
+        device_root, server, sota, tmp_path):
+    # sota.toml with client.pem means "registered": an image that ships a sota.toml must
+    # not look registered once client.pem is in and the new sota.toml is not.
+    (sota / "sota.toml").write_text("[pacman]\ntype = \"ostree\"\n")
+    kill_at("before-sota-toml", device_root, server, tmp_path / "marker")
+    assert (sota / "client.pem").exists() and (sota / "sota.toml").exists()
+    assert status(device_root)["registered"] is False
+    assert run_cli(*device_args(device_root, server)).returncode == 0
+    assert "[tls]" in (sota / "sota.toml").read_text()
+    assert_registered_as(device_root, sota, server.requests[0].json["uuid"])
+
+
+def test_leftover_temporary_files_are_removed(device_root, server, sota, tmp_path):
+    kill_at("between-files", device_root, server, tmp_path / "marker")
+    leftover = sota / ".client.pem.tmp-4242"  # what a kill inside a write leaves
+    leftover.write_text("half a certificate")
+    assert run_cli(*device_args(device_root, server)).returncode == 0
+    assert not leftover.exists()
+
+
+@pytest.mark.parametrize("fresh", [["--force"], ["--uuid", "0a0b0c0d-1111-4222-8333-444455556666"]])
+def test_force_or_another_uuid_abandons_the_half_install(device_root, server, sota, tmp_path,
+                                                        fresh):
+    kill_at("between-files", device_root, server, tmp_path / "marker")
+    first = server.requests[0].json["uuid"]
+    run = run_cli(*device_args(device_root, server, "--json", *fresh))
+    assert run.returncode == 0, run.stderr
+    assert run.json["uuid"] != first and len(server.requests) == 2
+    assert "abandoning the unfinished install of " + first in run.stderr
+    assert_registered_as(device_root, sota, run.json["uuid"])

@@ -1,0 +1,164 @@
+"""The retry policy (issue 4, point 1): the pure backoff, the loop, and the agent's timing."""
+
+import time
+
+import pytest
+
+from lmp_autoreg.errors import BadAnswer, LocalFailure, NoAnswer, ServerRefused, Unreachable
+from lmp_autoreg.retry import (
+    CONNECT_CAP,
+    MIN_ATTEMPT,
+    SERVER_CAP,
+    Deadline,
+    backoff,
+    next_wait,
+    retry,
+)
+from lmp_autoreg.testing.server import RegistrationServer, Reply
+
+from conftest import device_args, run_cli
+
+
+def waits(unreachable: bool, rand: float, n: int = 8) -> list[float]:
+    return [backoff(i, unreachable=unreachable, retry_after=None, rand=rand)
+            for i in range(1, n + 1)]
+
+
+def test_connection_failures_start_near_half_a_second_and_cap_at_2():
+    assert waits(True, 0.0) == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert waits(True, 0.999)[0] == pytest.approx(0.375, abs=0.001)
+    for rand in (0.0, 0.3, 0.999):
+        assert max(waits(True, rand, 40)) <= CONNECT_CAP
+
+
+def test_server_failures_grow_to_30_seconds():
+    assert waits(False, 0.0) == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    for rand in (0.0, 0.5, 0.999):
+        assert max(waits(False, rand, 100)) <= SERVER_CAP
+
+
+def test_jitter_only_shortens_computed_waits():
+    for n in range(1, 10):
+        low = backoff(n, unreachable=False, retry_after=None, rand=0.999)
+        high = backoff(n, unreachable=False, retry_after=None, rand=0.0)
+        assert 0.75 * high <= low < high
+
+
+def test_retry_after_is_honoured_never_shortened():
+    assert backoff(1, unreachable=False, retry_after=7.0, rand=0.0) == 7.0
+    assert 7.0 < backoff(1, unreachable=False, retry_after=7.0, rand=0.5) <= 7.0 * 1.25
+    # Beyond the 30 s cap too: the server knows best when it will be back.
+    assert backoff(1, unreachable=False, retry_after=120.0, rand=0.0) == 120.0
+
+
+def test_next_wait_fits_one_last_attempt_before_the_deadline():
+    # Plenty of time: the plain backoff.
+    assert next_wait(3, unreachable=False, retry_after=None, remaining=100, rand=0) == 4.0
+    # Little time: shortened so one more attempt still fits.
+    assert next_wait(3, unreachable=False, retry_after=None, remaining=1.0,
+                     rand=0) == pytest.approx(1.0 - MIN_ATTEMPT)
+    # No time for an attempt: give up.
+    assert next_wait(1, unreachable=True, retry_after=None, remaining=0.1, rand=0) is None
+
+
+def test_next_wait_gives_up_when_retry_after_is_past_the_deadline():
+    assert next_wait(1, unreachable=False, retry_after=5.0, remaining=60, rand=0) == 5.0
+    assert next_wait(1, unreachable=False, retry_after=50.0, remaining=20, rand=0) is None
+    # Jitter never pushes past the deadline, and never below the server's wish.
+    wait = next_wait(1, unreachable=False, retry_after=5.0, remaining=5.5, rand=0.999)
+    assert wait == pytest.approx(5.5 - MIN_ATTEMPT)
+
+
+def test_retry_returns_after_failures_with_the_connection_backoff():
+    calls = []
+
+    def attempt(budget: float) -> str:
+        calls.append((time.monotonic(), budget))
+        if len(calls) < 3:
+            raise Unreachable("connection refused")
+        return "answer"
+
+    deadline = Deadline(10)
+    assert retry(attempt, deadline, what="test") == "answer"
+    (t1, b1), (t2, _), (t3, _) = calls
+    assert 0.37 <= t2 - t1 <= 0.6 and 0.74 <= t3 - t2 <= 1.1  # 0.5 s, then 1 s, less jitter
+    assert 9 < b1 <= 10  # each attempt gets the time left, never more
+
+
+def test_retry_stops_at_once_on_final_errors():
+    for error in (ServerRefused("HTTP 400", 400), LocalFailure("disk full")):
+        calls = []
+
+        def attempt(budget: float, error=error, calls=calls) -> None:
+            calls.append(budget)
+            raise error
+
+        with pytest.raises(type(error)):
+            retry(attempt, Deadline(10), what="test")
+        assert len(calls) == 1
+
+
+def test_retry_gives_up_at_the_deadline_with_the_last_error():
+    calls = []
+
+    def attempt(budget: float) -> None:
+        calls.append(time.monotonic())
+        raise BadAnswer("not JSON", 0.05) if len(calls) % 2 else NoAnswer("HTTP 503", 0.05)
+
+    start = time.monotonic()
+    with pytest.raises(NoAnswer) as info:
+        retry(attempt, Deadline(1.0), what="test")
+    assert time.monotonic() - start <= 1.1
+    assert len(calls) >= 5
+    assert type(info.value) is (BadAnswer if len(calls) % 2 else NoAnswer)
+    assert f"gave up after {len(calls)} attempts" in str(info.value)
+
+
+def test_agent_registers_within_2_s_of_the_server_coming_up(device_root):
+    # The server's port refuses connections for 3 s: the network is coming up.
+    with RegistrationServer(listen_delay=3.0) as server:
+        up = time.monotonic() + 3.0
+        run = run_cli(*device_args(device_root, server, "--timeout", "10"))
+    assert run.returncode == 0, run.stderr
+    [request] = server.requests
+    assert request.time - up < 2.0 + 0.2  # the cap, plus the time to connect and send
+    assert run.stderr.count("Connection refused") >= 3
+
+
+def test_agent_waits_about_a_second_after_a_5xx(device_root, registration_server):
+    registration_server.enqueue(Reply.html_500())
+    run = run_cli(*device_args(device_root, registration_server))
+    assert run.returncode == 0, run.stderr
+    first, second = registration_server.requests
+    assert 0.7 <= second.time - first.time <= 1.5
+    assert "attempt 1 failed: server busy or failing (HTTP 500)" in run.stderr
+    assert "retrying in" in run.stderr
+
+
+def test_agent_honours_retry_after(device_root, registration_server):
+    registration_server.enqueue(Reply(status=429, body="slow down",
+                                      headers={"Retry-After": "1.5"}))
+    run = run_cli(*device_args(device_root, registration_server, "--timeout", "5"))
+    assert run.returncode == 0, run.stderr
+    first, second = registration_server.requests
+    assert 1.5 <= second.time - first.time <= 2.3
+
+
+def test_retry_after_past_the_deadline_gives_up_at_once(device_root, registration_server):
+    registration_server.default = Reply(status=503, body="maintenance",
+                                        headers={"Retry-After": "3600"})
+    start = time.monotonic()
+    run = run_cli(*device_args(device_root, registration_server, "--timeout", "30"))
+    assert run.returncode == 5
+    assert time.monotonic() - start < 10
+    assert len(registration_server.requests) == 1
+    assert "gave up after 1 attempt " in run.stderr and "maintenance" in run.stderr
+
+
+def test_a_slow_answer_is_bounded_by_the_deadline(device_root, registration_server):
+    registration_server.default = Reply.hang(10)
+    start = time.monotonic()
+    run = run_cli(*device_args(device_root, registration_server, "--timeout", "1.5"))
+    assert run.returncode == 5 and "no answer" in run.stderr
+    assert time.monotonic() - start < 4  # 1.5 s, plus starting Python
+    assert len(registration_server.requests) == 1
