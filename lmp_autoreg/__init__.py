@@ -8,6 +8,10 @@ Read top-down:
 - ``identity``  EC key, CSR, and checks of what the server sent back
 - ``client``    the HTTP request to the registration server
 - ``install``   verify the answer and install it into the sota dir atomically
+- ``retry``     the backoff policy and the retry loop, bounded by the deadline
+- ``state``     one identity per device, the lock, the install journal (``<sota>/.lmp-autoreg``)
+- ``preflight`` checks before anything is sent: token over plain http, warnings, the clock
+- ``progress``, ``testhook``  status lines; the test-only pause at named steps
 - ``register``  the one library function that does a registration end to end
 - ``backend_ldr`` the alternative backend: run the C++ ``lmp-device-register``
 - ``poststeps`` fioconfig check-in, service starts, poweroff

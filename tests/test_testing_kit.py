@@ -646,6 +646,7 @@ def test_device_root_fixture_builds_on_the_real_disk(
     assert device_root.path("etc/sota/tag").read_text() == "main\n"
     assert device_root.path("/etc/hostname").read_text() == "device-1\n"
     assert device_root.path("/etc/lmp-device-register-token").read_text() == "not-a-real-token\n"
+    assert device_root.path("/etc/lmp-device-register-token").stat().st_mode & 0o777 == 0o600
     assert device_root.sota == tmp_path / "device" / "var" / "sota"
     apps = device_root.sota / "compose-apps"
     assert sorted(p.name for p in apps.iterdir()) == ["app1", "app2"]

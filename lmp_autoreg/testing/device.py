@@ -112,6 +112,9 @@ class FakeDevice:
         if sota_etc:
             etc["sota"] = sota_etc
         populate(self.path("/etc"), etc)
+        if self.token is not None:
+            # As an image installs it: readable by root only (the agent warns otherwise).
+            self.path("/etc/lmp-device-register-token").chmod(0o600)
         apps: dict[str, str | Tree | None] = {
             app: {"docker-compose.yml": _compose_file(app)} for app in self.apps
         }
