@@ -34,7 +34,7 @@ CONNECT_CAP = 2.0
 SERVER_FIRST = 1.0  # ... after a 5xx, 429, timeout or unusable answer
 SERVER_CAP = 30.0
 JITTER = 0.25  # a computed wait is shortened by up to this fraction; Retry-After lengthened
-MIN_ATTEMPT = 0.25  # an attempt with less time left than this is not worth starting
+MIN_ATTEMPT = 1.0  # an attempt with less time left than this is not worth starting
 ATTEMPT_CAP = 60.0  # no single attempt waits longer than this, so a hung server is retried
 
 
