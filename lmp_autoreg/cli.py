@@ -2,26 +2,61 @@
 
 Parses options, calls the library, prints the result (text, or one JSON object with
 ``--json``) and turns errors into SPEC section 6's exit codes.
+
+Most starts end early (``--help``, a device registered already), so this module imports
+only ``argparse`` and the small ``guard`` up front; ``logging``, ``json`` and the library
+are imported when a command gets that far (docs/performance.md).
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
 
-from . import __version__, log
+from . import BACKENDS, FIOCONFIG_MODES, PROG, __version__, guard
 from .errors import AlreadyRegistered, AutoregError, ConfigError
-from .settings import BACKENDS, FIOCONFIG_MODES
 
-LOG = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (about 4 ms)
+if TYPE_CHECKING:
+    import logging
+    from typing import Any, NoReturn
+
 COMMANDS = ("register", "status", "demo")
+# The keys of register.Result's JSON, for the already-registered answer, which is made
+# without importing register (tests/test_lazy_imports.py keeps the two the same).
+RESULT_KEYS = (
+    "result", "uuid", "name", "factory", "hardware_id", "tag", "apps", "production",
+    "device_api", "backend", "sota_dir", "files", "certificate", "fioconfig", "services",
+)
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's formatter, told the width instead of asking ``shutil``.
+
+    argparse makes a formatter for every option it adds; left alone, each one imports
+    ``shutil`` to measure the terminal, 2 ms of every start. The width is found the same way
+    (``$COLUMNS``, else the terminal, else 80), less the two columns argparse keeps spare.
+    """
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size().columns  # of stdout
+        except OSError:
+            columns = 80
+    return argparse.HelpFormatter(prog, width=columns - 2)
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors become ConfigError (exit 2), so ``--json`` still gets its object."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _help_formatter)  # sub-commands' parsers too
+        super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{self.prog}: {message}")
@@ -29,7 +64,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=log.PROG,
+        prog=PROG,
         description="Register this LmP device with its factory, once. "
         "'register' is the default command.",
     )
@@ -108,37 +143,58 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return ["register", *argv]
 
 
-def emit_json(data: dict[str, Any]) -> None:
+def emit_json(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
-    from .register import Result
+def logger(verbosity: int) -> logging.Logger:
+    """Set up logging (see ``log``) and return this module's logger.
 
-    result = error.result if isinstance(error.result, Result) else Result(result="error")
-    data = result.to_json()
-    data.pop("request", None)
+    Called once a command gets past the early ends: ``logging`` alone costs about 8 ms.
+    """
+    import logging
+
+    from . import log
+
+    log.setup(verbosity)
+    return logging.getLogger(__name__)
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return -1 if args.quiet else int(args.verbose)
+
+
+def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
     if isinstance(error, AlreadyRegistered):
+        data: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
         data.update(result="already-registered", uuid=error.uuid, error=None)
     else:
+        from .register import Result
+
+        result = error.result if isinstance(error.result, Result) else Result(result="error")
+        data = result.to_json()
+        data.pop("request", None)
         data.update(result="error", error={"kind": error.kind, "message": str(error)})
     data["exit_code"] = exit_code
     return data
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from .register import check_not_registered, register
-    from .settings import resolve, resolve_paths
-
     cli = vars(args)
     if not args.force:
-        check_not_registered(resolve_paths(cli, os.environ))
+        guard.check_not_registered(guard.sota_dir(cli, os.environ))
+    logger(_verbosity(args))
+    from .register import register
+    from .settings import resolve
+
     settings = resolve(cli, os.environ)
     result = register(settings, dry_run=args.dry_run, force=args.force)
     if args.json:
         emit_json({**result.to_json(), "exit_code": 0, "error": None})
     elif result.result == "dry-run":
-        print(json.dumps(result.request, indent=2))
+        emit_json(result.request)
     else:
         print(f"registered {result.uuid} (name {result.name}) with factory {result.factory}")
         if result.certificate:
@@ -167,6 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    logger(_verbosity(args))
     from .demo import run_demo
 
     return run_demo(keep=args.keep, as_json=args.json)
@@ -175,23 +232,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     as_json = "--json" in args_list
-    log.setup(0)
+    verbosity = 0
+    error: AutoregError
     try:
         args = build_parser().parse_args(args_list)
-        log.setup(-1 if args.quiet else args.verbose)
+        verbosity = _verbosity(args)
         return int(args.func(args))
+    except AlreadyRegistered as e:
+        # An early end: the line the log handler would write, without loading logging.
+        if verbosity >= 0:
+            print(f"{PROG}: {e}", file=sys.stderr)
+        error = e
     except AutoregError as e:
-        if isinstance(e, AlreadyRegistered):
-            LOG.info("%s", e)
-        else:
-            LOG.error("%s", e)
+        logger(verbosity).error("%s", e)
         error = e
     except KeyboardInterrupt:
-        LOG.error("interrupted")
+        logger(verbosity).error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, with the traceback in -v
-        LOG.debug("internal error", exc_info=True)
-        LOG.error("internal error (a bug): %s: %s", type(e).__name__, e)
+        log = logger(verbosity)
+        log.debug("internal error", exc_info=True)
+        log.error("internal error (a bug): %s: %s", type(e).__name__, e)
         error = AutoregError(f"internal error: {type(e).__name__}: {e}")
     if as_json:
         emit_json(_error_json(error, error.exit_code))

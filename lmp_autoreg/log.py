@@ -3,7 +3,7 @@
 import logging
 import sys
 
-PROG = "lmp-device-auto-register"
+from . import PROG
 
 
 class _Formatter(logging.Formatter):
