@@ -8,8 +8,8 @@ any failure it puts back what was there before this attempt.
 import logging
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import BadAnswer, LocalFailure
 from .guard import is_registered as is_registered  # public here too; it lives in the light guard
@@ -24,8 +24,7 @@ KEY_MODE = 0o600
 FILE_MODE = 0o644
 
 
-@dataclass(frozen=True)
-class PlannedFile:
+class PlannedFile(NamedTuple):
     name: str
     data: bytes
     mode: int

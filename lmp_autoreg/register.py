@@ -6,7 +6,6 @@ the already-registered path stays cheap on a small board.
 """
 
 import logging
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ from .errors import AutoregError, ConfigError
 from .install import remove_registration
 from .paths import DevicePaths
 from .settings import Settings
+from .util import random_uuid
 
 LOG = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
             "keys only; use --backend lmp-device-register"
         )
 
-    uuid = settings.uuid or str(uuidlib.uuid4())
+    uuid = settings.uuid or random_uuid()
     result = _describe(settings, uuid)
     try:
         return _register(settings, result, dry_run=dry_run, force=force)

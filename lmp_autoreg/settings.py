@@ -36,6 +36,8 @@ class Hsm:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of a registration, resolved (SPEC section 3); ``repr`` hides the token."""
+
     paths: DevicePaths
     device_api: str
     production: bool
