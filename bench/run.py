@@ -35,6 +35,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import tomllib
 import uuid as uuidlib
 import venv
 from collections.abc import Callable
@@ -74,15 +75,16 @@ BUDGETS: list[tuple[str, str, float]] = [
     ("recovery", "after_listen_max_s", RECOVERY_LIMIT),
     ("recovery-60", "after_listen_max_s", RECOVERY_LIMIT),
 ]
+# The console script as pip writes it for the entry point of pyproject.toml.
 CONSOLE_SCRIPT = """\
 #!{python}
 # -*- coding: utf-8 -*-
 import re
 import sys
-from lmp_autoreg.cli import main
+from {module} import {function}
 if __name__ == "__main__":
     sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
-    sys.exit(main())
+    sys.exit({function}())
 """
 
 
@@ -195,8 +197,13 @@ def plain_install(root: Path) -> Interpreter:
     Path(purelib, "lmp-autoreg-bench.pth").write_text(
         "\n".join([str(REPO), *sorted(ours)]) + "\n", encoding="utf-8"
     )
+    with open(REPO / "pyproject.toml", "rb") as f:
+        entry = tomllib.load(f)["project"]["scripts"][SCRIPT]
+    module, _, function = entry.partition(":")
     script = root / "bin" / SCRIPT
-    script.write_text(CONSOLE_SCRIPT.format(python=python), encoding="utf-8")
+    script.write_text(
+        CONSOLE_SCRIPT.format(python=python, module=module, function=function), encoding="utf-8"
+    )
     script.chmod(0o755)
     return Interpreter(
         str(python), [str(script)], f"{sys.executable} (plain venv view), agent: {SCRIPT}"
@@ -237,6 +244,7 @@ class Scenario:
     baseline: str | None  # a key of BASELINES; None: unpaired
     prepare: Callable[[int], Case]
     runs: int
+    warmup: bool = True  # the recovery runs take seconds each: those go without
 
 
 @dataclass
@@ -301,10 +309,13 @@ class Bench:
         self.devices += 1
         return FakeDevice(self.work / "devices" / str(self.devices), **options).build()
 
-    def register_args(self, device: FakeDevice, url: str, timeout: float = 30) -> list[str]:
+    def register_args(
+        self, device: FakeDevice, url: str, *, timeout: float = 30, as_json: bool = True
+    ) -> list[str]:
         return [
             *self.interp.agent, "--sysroot", str(device.root), "--device-api", url,
-            "--fioconfig", "off", "--no-start", "--timeout", str(timeout), "--json",
+            "--fioconfig", "off", "--no-start", "--timeout", str(timeout),
+            *(["--json"] if as_json else []),
         ]
 
     def _registered_device(self) -> tuple[FakeDevice, str]:
@@ -329,13 +340,13 @@ class Bench:
             Scenario("apps1000", "1000 compose apps", "import floor", self._apps1000, runs),
             Scenario(
                 "recovery", f"recovery ({RECOVERY_DELAY:g} s outage)", None,
-                self._recovery(RECOVERY_DELAY), self.args.recovery_runs,
+                self._recovery(RECOVERY_DELAY), self.args.recovery_runs, warmup=False,
             ),
         ]
         if self.args.long:
             items.append(Scenario(
                 "recovery-60", f"recovery ({LONG_RECOVERY_DELAY:g} s outage)", None,
-                self._recovery(LONG_RECOVERY_DELAY), 1,
+                self._recovery(LONG_RECOVERY_DELAY), 1, warmup=False,
             ))
         if self.args.compare:
             items.append(Scenario(
@@ -348,9 +359,15 @@ class Bench:
         return Case(self.register_args(device, self.server.url), expect(0, result="registered"))
 
     def _already(self, i: int) -> Case:
+        # As the systemd unit runs it: no --json (which would add the json import, ~1 ms).
         device, uuid = self._registered_device()
-        check = expect(3, result="already-registered", uuid=uuid)
-        return Case(self.register_args(device, self.server.url), check)
+
+        def check(sample: Sample) -> str | None:
+            if sample.rc != 3 or f"uuid {uuid}" not in sample.stderr:
+                return f"exit {sample.rc}, expected 3 naming uuid {uuid}: {sample.stderr.strip()}"
+            return None
+
+        return Case(self.register_args(device, self.server.url, as_json=False), check)
 
     def _status(self, i: int) -> Case:
         device, uuid = self._registered_device()
@@ -420,7 +437,8 @@ class Bench:
     def run(self, scenario: Scenario) -> Outcome:
         outcome = Outcome(scenario)
         base_argv = self.baseline_argv(scenario.baseline) if scenario.baseline else None
-        for i in range(-self.args.warmup, scenario.runs):
+        warmup = self.args.warmup if scenario.warmup else 0
+        for i in range(-warmup, scenario.runs):
             try:
                 case = scenario.prepare(i)
             except Exception as e:  # a broken scenario must not hide the others
@@ -534,13 +552,13 @@ def _budget_text(budget: dict[str, Any]) -> str:
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| scenario | wall ms | CPU ms | peak RSS MiB | baseline | × baseline: wall / CPU / RSS "
-        "| budget |",
-        "|---|---:|---:|---:|---|---|---|",
+        "| scenario | runs | wall ms | CPU ms | peak RSS MiB | baseline "
+        "| × baseline: wall / CPU / RSS | budget |",
+        "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for row in rows:
         if not row["ok"]:
-            lines.append(f"| {row['title']} | failed: {row['failure']} | | | | | |")
+            lines.append(f"| {row['title']} | | failed: {row['failure']} | | | | | |")
             continue
         if row.get("wall_ratio") is not None:
             ratios = " / ".join(
@@ -553,14 +571,15 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             ratios = ""
         budgets = "; ".join(_budget_text(b) for b in row["budgets"])
         lines.append(
-            f"| {row['title']} | {_fmt(row['wall_ms'])} | {_fmt(row['cpu_ms'])} "
+            f"| {row['title']} | {row['runs']} | {_fmt(row['wall_ms'])} | {_fmt(row['cpu_ms'])} "
             f"| {_fmt(row['rss_mib'])} | {row['baseline'] or ''} | {ratios} | {budgets} |"
         )
-    lines += [
-        "",
-        "| baseline | command | wall ms | CPU ms | peak RSS MiB |",
-        "|---|---|---:|---:|---:|",
-    ]
+    if meta["baselines"]:
+        lines += [
+            "",
+            "| baseline | command | wall ms | CPU ms | peak RSS MiB |",
+            "|---|---|---:|---:|---:|",
+        ]
     for name, stats in meta["baselines"].items():
         lines.append(
             f"| {name} | `python -c \"{BASELINES[name]}\"` | {_fmt(stats['wall_ms'])} "
@@ -568,7 +587,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        f"Medians of {meta['runs']} runs ({meta['date']}, {meta['python']}, {meta['machine']}, "
+        f"Medians ({meta['date']}, {meta['python']}, {meta['machine']}, "
         f"load {meta['load_before']} → {meta['load_after']}). Ratios are medians of per-run "
         "ratios, each agent run paired with its own baseline run.",
     ]

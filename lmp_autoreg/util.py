@@ -4,11 +4,16 @@ Writing files and running commands happen only here, so that tests and readers h
 place to look for side effects. (HTTP lives in ``client``.)
 """
 
+from __future__ import annotations
+
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 LOG = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ def run(
     Raises ``OSError`` when it cannot be started and ``subprocess.TimeoutExpired`` when it
     overruns (the child is killed). A non-zero exit is returned, not raised.
     """
+    import subprocess  # only when a command runs: a registration with no post-step needs none
+
     LOG.debug("running %s", argv[0])
     return subprocess.run(
         list(argv),
