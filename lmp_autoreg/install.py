@@ -8,10 +8,11 @@ any failure it puts back what was there before this attempt.
 import logging
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import BadAnswer, LocalFailure
+from .guard import is_registered as is_registered  # public here too; it lives in the light guard
 from .paths import REGISTRATION_FILES
 from .util import fsync_dir, write_atomic
 
@@ -23,8 +24,7 @@ KEY_MODE = 0o600
 FILE_MODE = 0o644
 
 
-@dataclass(frozen=True)
-class PlannedFile:
+class PlannedFile(NamedTuple):
     name: str
     data: bytes
     mode: int
@@ -128,21 +128,6 @@ def _restore(previous: dict[Path, bytes | None]) -> None:
                 write_atomic(path, data, FILE_MODE if path.name != "pkey.pem" else KEY_MODE)
         except OSError as e:
             LOG.error("could not roll back %s: %s", path, e.strerror or e)
-
-
-def is_registered(sota: Path) -> bool:
-    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration."""
-    if (sota / "sql.db").exists():
-        return True
-    toml = sota / "sota.toml"
-    if not toml.exists():
-        return False
-    if (sota / "client.pem").exists():
-        return True
-    try:
-        return "p11" in tomllib.loads(toml.read_text(errors="replace"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
 
 
 def remove_registration(sota: Path) -> list[str]:

@@ -6,15 +6,15 @@ the already-registered path stays cheap on a small board.
 """
 
 import logging
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import log
-from .errors import AlreadyRegistered, AutoregError, ConfigError
-from .install import is_registered, remove_registration
+from . import guard, log
+from .errors import AutoregError, ConfigError
+from .install import remove_registration
 from .paths import DevicePaths
 from .settings import Settings
+from .util import random_uuid
 
 LOG = logging.getLogger(__name__)
 
@@ -47,30 +47,9 @@ class Result:
         return data
 
 
-def registered_uuid(paths: DevicePaths) -> str | None:
-    """The uuid (the certificate's CN) of an installed registration, when readable."""
-    try:
-        pem = paths.in_sota("client.pem").read_bytes()
-    except OSError:
-        return None
-    from . import identity
-
-    try:
-        return identity.common_name(identity.load_certificate(pem))
-    except ValueError:
-        return None
-
-
 def check_not_registered(paths: DevicePaths) -> None:
     """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: SPEC section 1."""
-    if is_registered(paths.sota):
-        uuid = registered_uuid(paths)
-        raise AlreadyRegistered(
-            f"already registered ({paths.sota}"
-            + (f", uuid {uuid}" if uuid else "")
-            + "): nothing to do; --force registers again",
-            uuid,
-        )
+    guard.check_not_registered(paths.sota)
 
 
 def _describe(settings: Settings, uuid: str) -> Result:
@@ -105,7 +84,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
             "keys only; use --backend lmp-device-register"
         )
 
-    uuid = settings.uuid or str(uuidlib.uuid4())
+    uuid = settings.uuid or random_uuid()
     log.add_fields(LMP_UUID=uuid, LMP_FACTORY=settings.factory)
     result = _describe(settings, uuid)
     try:
