@@ -186,8 +186,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     cli = vars(args)
     if not args.force:
         guard.check_not_registered(guard.sota_dir(cli, os.environ))
-    log = logger(_verbosity(args))
-    from . import log as journal
+    logs = logger(_verbosity(args))
+    from . import log
     from .register import register
     from .settings import resolve
 
@@ -211,10 +211,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         try:
             poweroff(settings)
         except PostStepFailed as e:  # the result is printed already: report, do not print again
-            log.error("%s", e, extra=journal.fields(LMP_EXIT_CODE=e.exit_code))
+            logs.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
             return e.exit_code
-    log.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
-             extra=journal.fields(LMP_EXIT_CODE=0))
+    logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
+              extra=log.fields(LMP_EXIT_CODE=0))
     return 0
 
 
@@ -271,12 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger(verbosity).error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, with the traceback in -v
-        from . import log as journal
+        from . import log
 
-        log = logger(verbosity)
-        log.debug("internal error", exc_info=True)
-        log.error("internal error (a bug): %s: %s", type(e).__name__, e,
-                  extra=journal.fields(LMP_EXIT_CODE=1))
+        bug = logger(verbosity)
+        bug.debug("internal error", exc_info=True)
+        bug.error("internal error (a bug): %s: %s", type(e).__name__, e,
+                  extra=log.fields(LMP_EXIT_CODE=1))
         error = AutoregError(f"internal error: {type(e).__name__}: {e}")
     if as_json:
         emit_json(_error_json(error, error.exit_code))
