@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,dev$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test lint clean
+.PHONY: all venv demo test lint bench bench-check clean
 
 all: test
 
@@ -25,8 +25,17 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lmp_autoreg tests
-	$(VENV)/bin/mypy lmp_autoreg
+	$(VENV)/bin/ruff check lmp_autoreg tests bench
+	$(VENV)/bin/mypy lmp_autoreg bench
+
+# Cold-process timings against the interpreter's floor (docs/performance.md); never part of
+# `make test`. bench-check exits non-zero when a scenario fails or a budget is missed.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-check: $(STAMP)
+	$(PY) bench/run.py --check $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

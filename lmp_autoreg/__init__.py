@@ -24,5 +24,9 @@ Read top-down:
 """
 
 __version__ = "0.1.0"
+PROG = "lmp-device-auto-register"
+# Choices of --backend and --fioconfig, here so that the command line needs no other module.
+BACKENDS = ("native", "lmp-device-register")
+FIOCONFIG_MODES = ("auto", "on", "off")
 # A device clock earlier than this cannot be right: certificates would look "not yet valid".
 RELEASE_DATE = "2026-11-27"

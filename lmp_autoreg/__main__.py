@@ -1,7 +1,5 @@
 """``python -m lmp_autoreg``: the same as the ``lmp-device-auto-register`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

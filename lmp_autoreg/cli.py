@@ -2,26 +2,61 @@
 
 Parses options, calls the library, prints the result (text, or one JSON object with
 ``--json``) and turns errors into SPEC section 6's exit codes.
+
+Most starts end early (``--help``, a device registered already), so this module imports
+only ``argparse`` and the small ``guard`` up front; ``logging``, ``json`` and the library
+are imported when a command gets that far (docs/performance.md).
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
 
-from . import __version__, log
+from . import BACKENDS, FIOCONFIG_MODES, PROG, __version__, guard
 from .errors import AlreadyRegistered, AutoregError, ConfigError, PostStepFailed
-from .settings import BACKENDS, FIOCONFIG_MODES
 
-LOG = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (about 4 ms)
+if TYPE_CHECKING:
+    import logging
+    from typing import Any, NoReturn
+
 COMMANDS = ("register", "status", "demo")
+# The keys of register.Result's JSON, for the already-registered answer, which is made
+# without importing register (tests/test_lazy_imports.py keeps the two the same).
+RESULT_KEYS = (
+    "result", "uuid", "name", "factory", "hardware_id", "tag", "apps", "production",
+    "device_api", "backend", "sota_dir", "files", "certificate", "fioconfig", "services",
+)
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's formatter, told the width instead of asking ``shutil``.
+
+    argparse makes a formatter for every option it adds; left alone, each one imports
+    ``shutil`` to measure the terminal, 2 ms of every start. The width is found the same way
+    (``$COLUMNS``, else the terminal, else 80), less the two columns argparse keeps spare.
+    """
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size().columns  # of stdout
+        except OSError:
+            columns = 80
+    return argparse.HelpFormatter(prog, width=columns - 2)
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors become ConfigError (exit 2), so ``--json`` still gets its object."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _help_formatter)  # sub-commands' parsers too
+        super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{self.prog}: {message}")
@@ -29,7 +64,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=log.PROG,
+        prog=PROG,
         description="Register this LmP device with its factory, once. "
         "'register' is the default command.",
     )
@@ -108,39 +143,60 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return ["register", *argv]
 
 
-def emit_json(data: dict[str, Any]) -> None:
+def emit_json(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
-    from .register import Result
+def logger(verbosity: int) -> logging.Logger:
+    """Set up logging (see ``log``) and return this module's logger.
 
-    result = error.result if isinstance(error.result, Result) else Result(result="error")
-    data = result.to_json()
-    data.pop("request", None)
+    Called once a command gets past the early ends: ``logging`` alone costs about 8 ms.
+    """
+    import logging
+
+    from . import log
+
+    log.setup(verbosity)
+    return logging.getLogger(__name__)
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return -1 if args.quiet else int(args.verbose)
+
+
+def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
     if isinstance(error, AlreadyRegistered):
+        data: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
         data.update(result="already-registered", uuid=error.uuid, error=None)
-    elif isinstance(error, PostStepFailed):  # exit 7: registered all the same
-        data.update(result="registered", error={"kind": error.kind, "message": str(error)})
     else:
-        data.update(result="error", error={"kind": error.kind, "message": str(error)})
+        from .register import Result
+
+        result = error.result if isinstance(error.result, Result) else Result(result="error")
+        data = result.to_json()
+        data.pop("request", None)
+        outcome = "registered" if isinstance(error, PostStepFailed) else "error"  # exit 7
+        data.update(result=outcome, error={"kind": error.kind, "message": str(error)})
     data["exit_code"] = exit_code
     return data
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from .register import check_not_registered, register
-    from .settings import resolve, resolve_paths
-
     cli = vars(args)
     if not args.force:
-        check_not_registered(resolve_paths(cli, os.environ))
+        guard.check_not_registered(guard.sota_dir(cli, os.environ))
+    logs = logger(_verbosity(args))
+    from . import log
+    from .register import register
+    from .settings import resolve
+
     settings = resolve(cli, os.environ)
     result = register(settings, dry_run=args.dry_run, force=args.force)
     if args.json:
         emit_json({**result.to_json(), "exit_code": 0, "error": None})
     elif result.result == "dry-run":
-        print(json.dumps(result.request, indent=2))
+        emit_json(result.request)
     else:
         print(f"registered {result.uuid} (name {result.name}) with factory {result.factory}")
         if result.certificate:
@@ -155,10 +211,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         try:
             poweroff(settings)
         except PostStepFailed as e:  # the result is printed already: report, do not print again
-            LOG.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
+            logs.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
             return e.exit_code
-    LOG.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
-             extra=log.fields(LMP_EXIT_CODE=0))
+    logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
+              extra=log.fields(LMP_EXIT_CODE=0))
     return 0
 
 
@@ -180,6 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    logger(_verbosity(args))
     from .demo import run_demo
 
     return run_demo(keep=args.keep, as_json=args.json)
@@ -188,26 +245,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     as_json = "--json" in args_list
-    log.setup(0)
+    verbosity = 0
+    error: AutoregError
     try:
         args = build_parser().parse_args(args_list)
-        log.setup(-1 if args.quiet else args.verbose)
+        verbosity = _verbosity(args)
         return int(args.func(args))
-    except AutoregError as e:
-        if isinstance(e, AlreadyRegistered):
+    except AlreadyRegistered as e:
+        if os.environ.get("JOURNAL_STREAM") or os.environ.get("NOTIFY_SOCKET"):
+            # Under systemd the journal entry carries fields: that needs logging.
+            from . import log
+
             known = {"LMP_UUID": e.uuid} if e.uuid else {}
-            LOG.info("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code, **known))
-        else:
-            LOG.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
+            logger(verbosity).info("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code, **known))
+        elif verbosity >= 0:
+            # An early end: the line the log handler would write, without loading logging.
+            print(f"{PROG}: {e}", file=sys.stderr)
+        error = e
+    except AutoregError as e:
+        from . import log
+
+        logger(verbosity).error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
         error = e
     except KeyboardInterrupt:
-        LOG.error("interrupted")
+        logger(verbosity).error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, with the traceback in -v
-        LOG.debug("internal error", exc_info=True)
-        LOG.error("internal error (a bug): %s: %s", type(e).__name__, e,
+        from . import log
+
+        bug = logger(verbosity)
+        bug.debug("internal error", exc_info=True)
+        bug.error("internal error (a bug): %s: %s", type(e).__name__, e,
                   extra=log.fields(LMP_EXIT_CODE=1))
         error = AutoregError(f"internal error: {type(e).__name__}: {e}")
     if as_json:
         emit_json(_error_json(error, error.exit_code))
     return error.exit_code
+
+
+def run() -> NoReturn:
+    """The program (the console script and ``python -m lmp_autoreg``): ``main``, then exit.
+
+    Python's own shutdown frees every module and object one by one: about 20 ms here, 15 %
+    of a registration, for a process that ends anyway (docs/performance.md). So once the
+    output is flushed and logging is shut down, the process ends with ``os._exit``. Nothing
+    is lost: the agent closes (and fsyncs) every file it writes before ``main`` returns,
+    and leaves no thread running.
+    """
+    try:
+        code = main()
+    except SystemExit as e:  # --help and --version end through argparse's exit
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    if "logging" in sys.modules:  # loaded only when a command got that far
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: say so in the status, as Python does
+            code = code or 120
+    os._exit(code)

@@ -4,7 +4,7 @@ Importing this module imports ``cryptography``: callers that may not need it (th
 already-registered guard, ``--help``) import it lazily.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -81,8 +81,7 @@ def common_name(cert: x509.Certificate) -> str | None:
     return str(names[0].value) if names else None
 
 
-@dataclass(frozen=True)
-class CertInfo:
+class CertInfo(NamedTuple):
     subject: str
     issuer: str
     serial: str

@@ -8,13 +8,12 @@ any failure it puts back what was there before this attempt.
 import logging
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import testhook
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
-from .state import journal_path
 from .util import fsync_dir, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -25,8 +24,7 @@ KEY_MODE = 0o600
 FILE_MODE = 0o644
 
 
-@dataclass(frozen=True)
-class PlannedFile:
+class PlannedFile(NamedTuple):
     name: str
     data: bytes
     mode: int
@@ -141,26 +139,6 @@ def _restore(previous: dict[Path, bytes | None]) -> list[str]:
             LOG.error("could not roll back %s: %s", path, e.strerror or e)
             stuck.append(path.name)
     return stuck
-
-
-def is_registered(sota: Path) -> bool:
-    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration.
-
-    Never while an install journal exists: then those files are an unfinished install.
-    """
-    if journal_path(sota).exists():
-        return False
-    if (sota / "sql.db").exists():
-        return True
-    toml = sota / "sota.toml"
-    if not toml.exists():
-        return False
-    if (sota / "client.pem").exists():
-        return True
-    try:
-        return "p11" in tomllib.loads(toml.read_text(errors="replace"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
 
 
 def remove_registration(sota: Path) -> list[str]:

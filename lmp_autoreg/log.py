@@ -12,7 +12,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-PROG = "lmp-device-auto-register"
+from . import PROG
+
 # Journal fields of every record from the moment they are known (see ``add_fields``).
 FIELDS: dict[str, str] = {}
 

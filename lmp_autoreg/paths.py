@@ -6,8 +6,8 @@ Paths a person types for the machine running the agent (``--token-file``, ``--ca
 binaries) never come here.
 """
 
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 DEFAULT_SOTA_DIR = PurePosixPath("/var/sota")
 DEFAULTS_FILE = PurePosixPath("/etc/default/lmp-device-auto-register")
@@ -22,8 +22,7 @@ AKLITE_LOCK = PurePosixPath("/var/lock/aklite.lock")
 REGISTRATION_FILES = ("sql.db", "client.pem", "pkey.pem", "root.crt", "client.chained", "sota.toml")
 
 
-@dataclass(frozen=True)
-class DevicePaths:
+class DevicePaths(NamedTuple):
     """Host paths of the device files, for a device whose root is ``sysroot``."""
 
     sysroot: Path = Path("/")

@@ -6,24 +6,23 @@ the already-registered path stays cheap on a small board.
 """
 
 import logging
-import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import log, preflight, testhook
+from . import guard, log, preflight, testhook
 from .errors import (
-    AlreadyRegistered,
     AutoregError,
     BadAnswer,
     ConfigError,
     LocalFailure,
     ServerRefused,
 )
-from .install import PlannedFile, is_registered, remove_registration
+from .install import PlannedFile, remove_registration
 from .paths import DevicePaths
 from .retry import Deadline, retry
 from .settings import Settings
 from .state import Identity, State, check_aklite
+from .util import random_uuid
 
 LOG = logging.getLogger(__name__)
 
@@ -56,30 +55,9 @@ class Result:
         return data
 
 
-def registered_uuid(paths: DevicePaths) -> str | None:
-    """The uuid (the certificate's CN) of an installed registration, when readable."""
-    try:
-        pem = paths.in_sota("client.pem").read_bytes()
-    except OSError:
-        return None
-    from . import identity
-
-    try:
-        return identity.common_name(identity.load_certificate(pem))
-    except ValueError:
-        return None
-
-
 def check_not_registered(paths: DevicePaths) -> None:
     """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: SPEC section 1."""
-    if is_registered(paths.sota):
-        uuid = registered_uuid(paths)
-        raise AlreadyRegistered(
-            f"already registered ({paths.sota}"
-            + (f", uuid {uuid}" if uuid else "")
-            + "): nothing to do; --force registers again",
-            uuid,
-        )
+    guard.check_not_registered(paths.sota)
 
 
 def _describe(settings: Settings, uuid: str | None) -> Result:
@@ -142,7 +120,7 @@ def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
     from . import client, identity
 
     pending = None if force else State(settings.paths).peek_identity()
-    uuid, key = settings.uuid or str(uuidlib.uuid4()), None
+    uuid, key = settings.uuid or random_uuid(), None
     if pending is not None and settings.uuid in (None, pending.uuid):
         uuid = pending.uuid
         LOG.info("would reuse the identity of an interrupted attempt: %s", pending.uuid)

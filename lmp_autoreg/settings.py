@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import BACKENDS, FIOCONFIG_MODES
 from .errors import ConfigError
+from .guard import locate, read_env_file
 from .paths import DEFAULTS_FILE, HSM_CONFIG, OS_RELEASE, SOTA_TAG, DevicePaths
 from .preflight import check_token_transport
 
@@ -21,8 +23,6 @@ DEFAULT_DEVICE_API = "https://api.foundries.io/ota/devices/"
 DEFAULT_TOKEN_HEADER = "OSF-TOKEN"
 DEFAULT_START = ("aktualizr-lite", "fioconfig")
 DEFAULT_TIMEOUT = 300.0
-BACKENDS = ("native", "lmp-device-register")
-FIOCONFIG_MODES = ("auto", "on", "off")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -37,6 +37,8 @@ class Hsm:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of a registration, resolved (SPEC section 3); ``repr`` hides the token."""
+
     paths: DevicePaths
     device_api: str
     production: bool
@@ -61,31 +63,6 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     cacert: str | None = None
     allow_insecure_token: bool = False
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """Parse KEY=VALUE lines (os-release, /etc/default, /etc/sota/hsm); quotes are stripped.
-
-    A missing file is empty. Comments, blank lines and an ``export`` prefix are allowed.
-    """
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
-    values = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key = key.removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key] = value
-    return values
 
 
 def _first_line(path: Path) -> str | None:
@@ -155,16 +132,8 @@ def _invalid(what: str, place: str, why: str) -> ConfigError:
 
 def resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> DevicePaths:
     """The sysroot and the sota dir: enough for ``status`` and the already-registered guard."""
-    sysroot = Path(cli.get("sysroot") or "/")
-    if not sysroot.is_dir():
-        raise ConfigError(f"--sysroot {sysroot} is not a directory")
-    sources = _Sources(cli, environ, DevicePaths(sysroot))
-    value, place, _ = sources.first("sota dir", "--sota-dir", "SOTA_DIR")
-    if value is None:
-        return DevicePaths(sysroot)
-    if not value.startswith("/"):
-        raise _invalid("sota dir", place, f"{value!r} is not an absolute device path")
-    return DevicePaths(sysroot, PurePosixPath(value))
+    sysroot, sota_dir = locate(cli, environ)
+    return DevicePaths(Path(sysroot), PurePosixPath(sota_dir))
 
 
 def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:

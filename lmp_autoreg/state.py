@@ -8,7 +8,7 @@
   removed after a successful install; ``--force`` or another ``--uuid`` drop it.
 - ``install.json`` (0600): the *install journal*, the server's verified answer (and the
   key), saved before the first file is installed and removed once ``sota.toml`` is in
-  place. While it exists the device is not registered (``install.is_registered``), and the
+  place. While it exists the device is not registered (``guard.is_registered``), and the
   next run completes the install from it without asking the server again (which might
   refuse a uuid it already knows).
 
@@ -27,23 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LocalFailure
+from .guard import JOURNAL
 from .paths import DevicePaths
-from .util import fsync_dir, write_atomic
+from .util import fsync_dir, random_uuid, write_atomic
 
 LOG = logging.getLogger(__name__)
 
-STATE_DIR = ".lmp-autoreg"
 LOCK = "lock"
 IDENTITY = "identity.json"
-JOURNAL = "install.json"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 # Temporary files of util.write_atomic that a killed run may leave behind.
 TEMP_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]*\.tmp-[0-9]+")
-
-
-def journal_path(sota: Path) -> Path:
-    return sota / STATE_DIR / JOURNAL
 
 
 @dataclass(frozen=True)
@@ -170,8 +165,6 @@ class State:
         one: ``requested`` or a random uuid, with ``new_key()`` (None: the backend keeps
         the key itself, as lmp-device-register and an HSM do).
         """
-        import uuid as uuidlib
-
         pending = self.peek_identity()
         if pending is not None and requested in (None, pending.uuid):
             LOG.info("reusing the identity of an interrupted attempt: %s", pending.uuid)
@@ -182,7 +175,7 @@ class State:
             if pending is not None:
                 LOG.info("--uuid %s: dropping the pending identity %s", requested, pending.uuid)
             key = new_key() if new_key is not None else None
-            identity = Identity(requested or str(uuidlib.uuid4()), key)
+            identity = Identity(requested or random_uuid(), key)
         self._write(IDENTITY, {"uuid": identity.uuid, "key": _text(identity.key_pem)})
         return identity
 

@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from .install import is_registered
+from . import der
+from .guard import is_registered
 from .paths import DevicePaths
 from .state import State
 
@@ -20,20 +21,18 @@ def device_status(paths: DevicePaths) -> dict[str, Any]:
         # An interrupted attempt waits (its identity, or an unfinished install).
         "pending": not registered and State(paths).has_pending(),
     }
+    # The small DER reader, not cryptography: status only shows these fields (they were
+    # verified when the certificate was installed), and cryptography triples its start-up.
     try:
-        pem = paths.in_sota("client.pem").read_bytes()
-    except OSError:
-        return status
-    from . import identity
-
-    try:
-        info = identity.describe(identity.load_certificate(pem))
-    except ValueError:
+        data = der.pem_to_der(paths.in_sota("client.pem").read_bytes())
+        subject = der.subject(data)
+        not_after = der.not_after(data)
+    except (OSError, ValueError):
         return status
     status.update(
-        uuid=info.common_name,
-        factory=info.organizational_unit,
-        production=info.production,
-        not_after=info.not_after,
+        uuid=der.first(subject, der.COMMON_NAME),
+        factory=der.first(subject, der.ORGANIZATIONAL_UNIT),
+        production=(der.BUSINESS_CATEGORY, "production") in subject,
+        not_after=not_after,
     )
     return status

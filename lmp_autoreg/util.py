@@ -4,11 +4,16 @@ Writing files and running commands happen only here, so that tests and readers h
 place to look for side effects. (HTTP lives in ``client``.)
 """
 
+from __future__ import annotations
+
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 LOG = logging.getLogger(__name__)
 
@@ -37,6 +42,19 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
+def random_uuid() -> str:
+    """A random (version 4) UUID, written as ``str(uuid.uuid4())`` writes it.
+
+    Made here from ``os.urandom``: the ``uuid`` module imports ``platform``, 2 ms of the
+    start-up of every registration (docs/performance.md).
+    """
+    data = bytearray(os.urandom(16))
+    data[6] = data[6] & 0x0F | 0x40  # version 4
+    data[8] = data[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = data.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def fsync_dir(path: Path) -> None:
     """Make the directory entries of ``path`` (renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -59,6 +77,8 @@ def run(
     allows. Raises ``OSError`` when it cannot be started and ``subprocess.TimeoutExpired``
     when it overruns (the child is killed). A non-zero exit is returned, not raised.
     """
+    import subprocess  # only when a command runs: a registration with no post-step needs none
+
     LOG.debug("running %s", argv[0])
     return subprocess.run(
         list(argv),

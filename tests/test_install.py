@@ -5,7 +5,8 @@ import stat
 import pytest
 
 from lmp_autoreg.errors import BadAnswer, LocalFailure
-from lmp_autoreg.install import PlannedFile, install, is_registered, verify_answer
+from lmp_autoreg.guard import is_registered
+from lmp_autoreg.install import PlannedFile, install, verify_answer
 from lmp_autoreg.testing.server import Reply
 
 from conftest import device_args, run_cli

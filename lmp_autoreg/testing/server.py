@@ -360,6 +360,8 @@ class RegistrationServer:
         self._registered: dict[str, str] = {}
         self._stopping = threading.Event()
         self._serving = False
+        #: ``time.monotonic()`` when the port started listening (None until then).
+        self.listening_since: float | None = None
         self._started = False
         self._httpd: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -417,6 +419,7 @@ class RegistrationServer:
             if self._stopping.is_set():
                 return
             httpd.server_activate()
+            self.listening_since = time.monotonic()
             self._serving = True
             self._spawn(lambda: httpd.serve_forever(poll_interval=0.05), "lmp-autoreg-kit")
 
