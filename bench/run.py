@@ -215,12 +215,13 @@ def as_given(python: str) -> Interpreter:
 
 
 def compile_package(python: str) -> None:
-    """Write the package's bytecode once, as an installed package has it (PYTHONDONTWRITEBYTECODE
-    would otherwise make every run compile the sources)."""
-    env = {k: v for k, v in child_env().items()}
+    """Write the package's bytecode once, as an installed package has it.
+
+    (With PYTHONDONTWRITEBYTECODE set, every run would compile the sources again.)
+    """
     subprocess.run(
-        [python, "-m", "compileall", "-q", str(REPO / "lmp_autoreg")], env=env, check=True,
-        stdout=subprocess.DEVNULL,
+        [python, "-m", "compileall", "-q", str(REPO / "lmp_autoreg")],
+        env=child_env(), check=True, stdout=subprocess.DEVNULL,
     )
 
 
