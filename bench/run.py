@@ -7,7 +7,7 @@ paired with a run of its baseline (``python -c pass``, the import floor
 import x509"``) by the same interpreter, interleaved, so that the per-run ratio compares two
 processes that saw the same machine load; the reported ratio is the median of those
 per-run ratios. Wall time, CPU time (the child's user + system time) and peak RSS come from
-``os.wait4``.
+``os.wait4``, in a small helper process that starts the children (see ``LAUNCHER``).
 
 The interpreter: by default a throwaway venv of the running Python that sees this checkout
 and the running interpreter's site-packages through a plain ``.pth`` path file, with the
@@ -215,12 +215,13 @@ def as_given(python: str) -> Interpreter:
 
 
 def compile_package(python: str) -> None:
-    """Write the package's bytecode once, as an installed package has it (PYTHONDONTWRITEBYTECODE
-    would otherwise make every run compile the sources)."""
-    env = {k: v for k, v in child_env().items()}
+    """Write the package's bytecode once, as an installed package has it.
+
+    (With PYTHONDONTWRITEBYTECODE set, every run would compile the sources again.)
+    """
     subprocess.run(
-        [python, "-m", "compileall", "-q", str(REPO / "lmp_autoreg")], env=env, check=True,
-        stdout=subprocess.DEVNULL,
+        [python, "-m", "compileall", "-q", str(REPO / "lmp_autoreg")],
+        env=child_env(), check=True, stdout=subprocess.DEVNULL,
     )
 
 
@@ -264,9 +265,10 @@ def _json_of(sample: Sample) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _last_line(text: str) -> str:
+def _last_line(text: str, limit: int = 160) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
+    line = lines[-1] if lines else "(no output)"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def expect(rc: int, **fields: Any) -> Callable[[Sample], str | None]:
