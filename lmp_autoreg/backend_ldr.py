@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -246,7 +245,7 @@ def attempt(
             # umask 077: the key the tool writes is never readable by others, not even for
             # a moment; the public files are opened up to 0644 below.
             done = run(argv, timeout=timeout, env=environment(settings, environ), umask=0o077)
-        except subprocess.TimeoutExpired as e:
+        except TimeoutError as e:
             raise NoAnswer(f"{TOOL} did not finish within {timeout:.1f} s") from e
         except OSError as e:
             raise ConfigError(f"cannot run {binary}: {e.strerror or e}") from e
@@ -295,7 +294,7 @@ def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
             raise BadAnswer(f"{TOOL} left a sota.toml without the [p11] section of the HSM")
         return
     try:
-        matches = identity.same_public_key(cert, read("pkey.pem"))
+        matches = identity.same_public_key(cert, identity.key_from_pem(read("pkey.pem")))
     except ValueError as e:
         raise BadAnswer(f"{TOOL} left a pkey.pem that is not an EC private key: {e}") from e
     if not matches:

@@ -4,12 +4,18 @@ Importing this module imports ``cryptography``: callers that may not need it (th
 already-registered guard, ``--help``) import it lazily.
 """
 
+import base64
 from typing import NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+try:  # the enum where x509 has already loaded it, without the serialization package
+    from cryptography.hazmat.primitives._serialization import Encoding
+except ImportError:  # pragma: no cover - a cryptography release that moved it
+    from cryptography.hazmat.primitives.serialization import Encoding
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -18,19 +24,66 @@ def new_key() -> PrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+# A P-256 private key as unencrypted PKCS#8 DER is a fixed layout around the 32-byte
+# secret and the 65-byte public point. ``key_to_pem`` fills it in itself because
+# cryptography's ``private_bytes`` imports the whole ``serialization`` package (its SSH
+# support, ``dataclasses``, ``inspect``: about 1 MiB, the largest cost of a registration
+# beyond its import floor; docs/performance.md). tests/test_identity.py checks that the
+# result is byte for byte what ``private_bytes(PEM, PKCS8, NoEncryption())`` gives.
+_PKCS8_P256_HEAD = bytes.fromhex(
+    "308187020100"  # PrivateKeyInfo, version 0
+    "301306072a8648ce3d020106082a8648ce3d030107"  # id-ecPublicKey, prime256v1
+    "046d306b0201010420"  # OCTET STRING { ECPrivateKey, version 1, privateKey ...
+)
+_PKCS8_P256_POINT = bytes.fromhex("a14403420004")  # ... [1] publicKey, uncompressed point
+
+
 def key_to_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    """The key as unencrypted PKCS#8 PEM (``-----BEGIN PRIVATE KEY-----``)."""
+    if key.curve.name != "secp256r1":
+        raise ValueError(f"not a P-256 key: {key.curve.name}")
+    numbers = key.private_numbers()
+    point = numbers.public_numbers
+    der = b"".join((
+        _PKCS8_P256_HEAD,
+        numbers.private_value.to_bytes(32, "big"),
+        _PKCS8_P256_POINT,
+        point.x.to_bytes(32, "big"),
+        point.y.to_bytes(32, "big"),
+    ))
+    text = base64.b64encode(der).decode()
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    return ("-----BEGIN PRIVATE KEY-----\n" + "\n".join(lines)
+            + "\n-----END PRIVATE KEY-----\n").encode()
 
 
 def key_from_pem(pem: bytes) -> PrivateKey:
-    key = serialization.load_pem_private_key(pem, password=None)
+    """Parse a PEM private key; ValueError when it is not an EC key."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("not an EC private key")
     return key
+
+
+class DeviceKey(NamedTuple):
+    """The device key, both as an object (to sign and compare) and as PEM (to store)."""
+
+    key: PrivateKey
+    pem: bytes
+
+    @classmethod
+    def generate(cls) -> "DeviceKey":
+        key = new_key()
+        return cls(key, key_to_pem(key))
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> "DeviceKey":
+        return cls(key_from_pem(pem), pem)
+
+    def __repr__(self) -> str:
+        return "DeviceKey(<private>)"
 
 
 def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
@@ -59,7 +112,7 @@ def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
         .sign(key, hashes.SHA256())
     )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
+    return csr.public_bytes(Encoding.PEM).decode()
 
 
 def load_certificate(pem: str | bytes) -> x509.Certificate:
@@ -68,12 +121,9 @@ def load_certificate(pem: str | bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(data)
 
 
-def same_public_key(cert: x509.Certificate, key_pem: bytes) -> bool:
-    """True when ``cert`` certifies the private key in ``key_pem``."""
-    der = serialization.Encoding.DER
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    public = key_from_pem(key_pem).public_key()
-    return cert.public_key().public_bytes(der, spki) == public.public_bytes(der, spki)
+def same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:
+    """True when ``cert`` certifies ``key``."""
+    return bool(cert.public_key() == key.public_key())
 
 
 def common_name(cert: x509.Certificate) -> str | None:

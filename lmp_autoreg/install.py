@@ -9,12 +9,15 @@ import logging
 import re
 import tomllib
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import testhook
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
 from .util import fsync_dir, write_atomic
+
+if TYPE_CHECKING:
+    from .identity import DeviceKey
 
 LOG = logging.getLogger(__name__)
 
@@ -31,11 +34,11 @@ class PlannedFile(NamedTuple):
 
 
 def verify_answer(
-    files: dict[str, str], *, uuid: str, key_pem: bytes | None
+    files: dict[str, str], *, uuid: str, key: "DeviceKey | None"
 ) -> list[PlannedFile]:
     """Check a 201 answer against the device's identity; return the install plan.
 
-    ``key_pem`` is the device key (None in HSM mode: the key stays in the module and no
+    ``key`` is the device key (None in HSM mode: the key stays in the module and no
     ``pkey.pem`` is written). The plan ends with ``sota.toml``.
     """
     from . import identity  # cryptography is needed only once there is an answer
@@ -46,7 +49,7 @@ def verify_answer(
     missing = [n for n in REQUIRED if n not in files]
     if missing:
         raise BadAnswer(f"the answer lacks {', '.join(missing)}")
-    if key_pem is not None and "pkey.pem" in files:
+    if key is not None and "pkey.pem" in files:
         raise BadAnswer("the answer carries a pkey.pem: the device key never leaves the device")
     try:
         cert = identity.load_certificate(files["client.pem"])
@@ -56,7 +59,7 @@ def verify_answer(
         raise BadAnswer(
             f"client.pem is for {identity.common_name(cert)!r}, not this device ({uuid})"
         )
-    if key_pem is not None and not identity.same_public_key(cert, key_pem):
+    if key is not None and not identity.same_public_key(cert, key.key):
         raise BadAnswer("client.pem certifies another key than this device's")
     try:
         identity.load_certificate(files["root.crt"])
@@ -73,8 +76,8 @@ def verify_answer(
         raise BadAnswer(f"sota.toml is not valid TOML: {e}") from e
 
     plan = []
-    if key_pem is not None:
-        plan.append(PlannedFile("pkey.pem", key_pem, KEY_MODE))
+    if key is not None:
+        plan.append(PlannedFile("pkey.pem", key.pem, KEY_MODE))
     for name in sorted(files):
         if name != "sota.toml":
             plan.append(PlannedFile(name, files[name].encode(), FILE_MODE))

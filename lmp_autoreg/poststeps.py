@@ -22,7 +22,6 @@ whatever happens here. Nothing secret is passed to these commands.
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -123,7 +122,7 @@ def fioconfig_checkin(settings: Settings, environ: Mapping[str, str]) -> str:
     env = child_environ(environ, drop=("SOTA_DIR", "NOTIFY_SOCKET"))
     try:
         done = run(fioconfig_command(settings, binary), timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
+    except TimeoutError:
         complain("fioconfig check-in did not finish within %.0f s", timeout)
         return f"failed: timed out after {timeout:.0f} s"
     except OSError as e:
@@ -172,7 +171,7 @@ def _systemctl(args: list[str], timeout: float, env: dict[str, str]) -> bool:
     what = " ".join(["systemctl", *args])
     try:
         done = run(["systemctl", *args], timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
+    except TimeoutError:
         LOG.error("%s did not finish within %.0f s", what, timeout)
         return False
     except OSError as e:

@@ -6,8 +6,7 @@ the already-registered path stays cheap on a small board.
 """
 
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import guard, log, preflight, testhook
 from .errors import (
@@ -22,16 +21,22 @@ from .paths import DevicePaths
 from .retry import Deadline, retry
 from .settings import Settings
 from .state import Identity, State, check_aklite
+
+if TYPE_CHECKING:
+    from .identity import DeviceKey
 from .util import random_uuid
 
 LOG = logging.getLogger(__name__)
 
 
-@dataclass
 class Result:
-    """What happened, in the shape of SPEC section 6's JSON object."""
+    """What happened, in the shape of SPEC section 6's JSON object.
 
-    result: str
+    A plain class rather than a dataclass, for the reason given in ``settings``. The
+    annotated names are the JSON keys, in order.
+    """
+
+    result: str = ""
     uuid: str | None = None
     name: str | None = None
     factory: str | None = None
@@ -46,10 +51,16 @@ class Result:
     certificate: dict[str, str] | None = None
     fioconfig: str | None = None
     services: dict[str, str] | None = None
-    request: dict[str, Any] | None = field(default=None)  # dry-run only
+    request: dict[str, Any] | None = None  # dry-run only
+
+    def __init__(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            if name not in Result.__annotations__:
+                raise TypeError(f"Result has no field {name!r}")
+            setattr(self, name, value)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {name: getattr(self, name) for name in Result.__annotations__}
         if data["request"] is None:
             del data["request"]
         return data
@@ -174,7 +185,8 @@ def _register(
         LOG.warning("an earlier run was interrupted while installing the answer for %s: "
                     "completing it", journal.uuid)
         try:
-            plan = install.verify_answer(journal.files, uuid=journal.uuid, key_pem=journal.key_pem)
+            key = identity.DeviceKey.from_pem(journal.key_pem) if journal.key_pem else None
+            plan = install.verify_answer(journal.files, uuid=journal.uuid, key=key)
         except (BadAnswer, ValueError) as e:  # ValueError: an unreadable key
             LOG.warning("the interrupted install cannot be completed: %s", e)
             state.abandon("asking the server again", keep_identity=True)
@@ -183,14 +195,12 @@ def _register(
 
     if settings.backend == "lmp-device-register":
         return _register_with_tool(settings, state, result, deadline)
-    ident = _take_identity(settings, state)
-    uuid, key_pem = ident.uuid, ident.key_pem
-    assert key_pem is not None
+    ident, key = _take_identity(settings, state)
+    uuid = ident.uuid
     _set_uuid(result, settings, uuid)
     LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
     preflight.warn(token_file=settings.token_place, production=settings.production)
-    csr = identity.make_csr(identity.key_from_pem(key_pem), uuid, settings.factory,
-                            settings.production)
+    csr = identity.make_csr(key.key, uuid, settings.factory, settings.production)
     body = client.request_body(
         settings, uuid=uuid, csr=csr, reset_apps_dir=paths.reset_apps.is_dir()
     )
@@ -201,7 +211,7 @@ def _register(
     def attempt(budget: float) -> tuple[dict[str, str], list[PlannedFile]]:
         files = http.post(body, timeout=budget)
         LOG.info("the server answered with %s; verifying", ", ".join(sorted(files)))
-        return files, install.verify_answer(files, uuid=uuid, key_pem=key_pem)
+        return files, install.verify_answer(files, uuid=uuid, key=key)
 
     what = f"sending the registration request to {settings.device_api}"
     LOG.info("%s", what)
@@ -218,7 +228,7 @@ def _register(
         raise
     finally:
         http.close()
-    state.save_journal(uuid, key_pem, files)
+    state.save_journal(uuid, key.pem, files)
     return _install(settings, state, result, files, plan)
 
 
@@ -236,21 +246,27 @@ def _register_with_tool(
     return result
 
 
-def _take_identity(settings: Settings, state: State) -> Identity:
-    """The pending identity, or a new one; a pending key that cannot be read is replaced."""
+def _take_identity(settings: Settings, state: State) -> "tuple[Identity, DeviceKey]":
+    """The pending identity, or a new one, with its key; an unreadable pending key is
+    replaced. A new key is used as generated, never parsed back from its PEM."""
     from . import identity
 
+    generated: list[identity.DeviceKey] = []
+
     def new_key() -> bytes:
-        return identity.key_to_pem(identity.new_key())
+        generated.append(identity.DeviceKey.generate())
+        return generated[-1].pem
 
     ident = state.take_identity(settings.uuid, new_key)
+    if generated:
+        return ident, generated[-1]
     try:
-        identity.key_from_pem(ident.key_pem or b"")
+        return ident, identity.DeviceKey.from_pem(ident.key_pem or b"")
     except ValueError as e:
         LOG.warning("the key of the pending identity %s cannot be read: %s", ident.uuid, e)
         state.abandon("an unreadable key")
         ident = state.take_identity(settings.uuid, new_key)
-    return ident
+        return ident, generated[-1]
 
 
 def _install(

@@ -9,9 +9,8 @@ then the default. ``resolve`` is pure apart from reading those files; it raises
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import BACKENDS, FIOCONFIG_MODES
 from .errors import ConfigError
@@ -26,17 +25,29 @@ DEFAULT_TIMEOUT = 300.0
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
-@dataclass(frozen=True)
-class Hsm:
+def redacted_repr(record: tuple, secrets: tuple[str, ...]) -> str:
+    """``repr`` of a NamedTuple with the values of the fields ``secrets`` hidden."""
+    shown = ", ".join(
+        f"{name}=<redacted>" if name in secrets and value is not None else f"{name}={value!r}"
+        for name, value in zip(record._fields, record, strict=True)  # type: ignore[attr-defined]
+    )
+    return f"{type(record).__name__}({shown})"
+
+
+# The records below are NamedTuples, not dataclasses: ``dataclasses`` (with the ``inspect``
+# and ``ast`` it imports) would cost every registration about 1 MiB (docs/performance.md).
+class Hsm(NamedTuple):
     """A PKCS#11 module holding the device key; the PINs are secrets."""
 
     module: str
-    pin: str = field(repr=False)
-    so_pin: str = field(repr=False)
+    pin: str
+    so_pin: str
+
+    def __repr__(self) -> str:
+        return redacted_repr(self, ("pin", "so_pin"))
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Every setting of a registration, resolved (SPEC section 3); ``repr`` hides the token."""
 
     paths: DevicePaths
@@ -49,7 +60,7 @@ class Settings:
     uuid: str | None  # None: a pending identity, else a random one
     apps: tuple[str, ...] | None  # None: all apps (the override is left out)
     device_group: str | None
-    token: str | None = field(repr=False)
+    token: str | None
     token_place: str | None  # where the token came from, for messages (never the token)
     token_header: str = DEFAULT_TOKEN_HEADER
     hsm: Hsm | None = None
@@ -63,6 +74,9 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     cacert: str | None = None
     allow_insecure_token: bool = False
+
+    def __repr__(self) -> str:
+        return redacted_repr(self, ("token",))
 
 
 def _first_line(path: Path) -> str | None:

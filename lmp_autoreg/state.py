@@ -23,12 +23,13 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import LocalFailure
 from .guard import JOURNAL
 from .paths import DevicePaths
+from .settings import redacted_repr
 from .util import fsync_dir, random_uuid, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -41,22 +42,26 @@ FILE_MODE = 0o600
 TEMP_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]*\.tmp-[0-9]+")
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """A device identity: its uuid and (native backend) its private key, PEM."""
 
     uuid: str
-    key_pem: bytes | None = field(repr=False)
+    key_pem: bytes | None
     reused: bool = False  # True when it comes from an interrupted attempt
 
+    def __repr__(self) -> str:
+        return redacted_repr(self, ("key_pem",))
 
-@dataclass(frozen=True)
-class Journal:
+
+class Journal(NamedTuple):
     """An answer the server gave, verified, whose install did not finish."""
 
     uuid: str
-    key_pem: bytes | None = field(repr=False)
-    files: dict[str, str] = field(repr=False)
+    key_pem: bytes | None
+    files: dict[str, str]
+
+    def __repr__(self) -> str:
+        return redacted_repr(self, ("key_pem", "files"))
 
 
 def _failure(action: str, path: Path, error: OSError) -> LocalFailure:

@@ -43,7 +43,7 @@ def assert_registered_as(device, sota, uuid: str) -> None:
     assert installed(sota) == REGISTERED
     cert = identity.load_certificate((sota / "client.pem").read_bytes())
     assert identity.common_name(cert) == uuid
-    assert identity.same_public_key(cert, (sota / "pkey.pem").read_bytes())
+    assert identity.same_public_key(cert, identity.key_from_pem((sota / "pkey.pem").read_bytes()))
     assert status(device) == {**status(device), "registered": True, "uuid": uuid,
                               "pending": False}
     assert sorted(p.name for p in (sota / ".lmp-autoreg").iterdir()) == ["lock"]

@@ -7,7 +7,6 @@ otherwise load ``pathlib`` and ``re`` into every interpreter before our code run
 Nothing here is timed; ``make bench-check`` measures.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -76,6 +75,18 @@ def test_the_probe_sees_what_a_registration_loads(tmp_path, device_root, registr
     assert {"requests", "cryptography", "ssl", "http.client"} <= modules
 
 
+def test_registration_without_post_steps_loads_no_heavy_stdlib(tmp_path, device_root,
+                                                               registration_server):
+    """Memory is the tightest budget (docs/performance.md): a registration that runs no
+    command does without ``subprocess``, and none needs ``dataclasses`` nor cryptography's
+    ``serialization`` package (which imports its SSH support and ``dataclasses``)."""
+    code, modules, _, _ = probe(tmp_path, *device_args(device_root, registration_server))
+    assert code == 0
+    heavy = ("subprocess", "dataclasses", "inspect", "uuid",
+             "cryptography.hazmat.primitives.serialization")
+    assert loaded(modules, heavy) == []
+
+
 @pytest.mark.parametrize("output", [(), ("--json",)])
 def test_already_registered_loads_neither_network_nor_crypto(tmp_path, registered, output):
     device, server, uuid = registered
@@ -125,9 +136,7 @@ def test_already_registered_message_and_quiet(registered):
 
 def test_already_registered_json_has_the_keys_of_every_result(registered):
     """cli.RESULT_KEYS stands in for register.Result on the early end: they must agree."""
-    assert cli.RESULT_KEYS == tuple(
-        f.name for f in dataclasses.fields(Result) if f.name != "request"
-    )
+    assert cli.RESULT_KEYS == tuple(name for name in Result.__annotations__ if name != "request")
     device, server, _ = registered
     already = run_cli(*device_args(device, server, "--json")).json
     failed = run_cli(*device_args(device, server, "--json", "--force", "--factory", "lmp")).json

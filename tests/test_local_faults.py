@@ -114,7 +114,7 @@ def assert_repaired(outcome: Outcome, server: RegistrationServer, requests: int 
     after = outcome.out / "after2"
     cert = identity.load_certificate((after / "client.pem").read_bytes())
     assert identity.common_name(cert) == uuid
-    assert identity.same_public_key(cert, (after / "pkey.pem").read_bytes())
+    assert identity.same_public_key(cert, identity.key_from_pem((after / "pkey.pem").read_bytes()))
 
 
 def test_disk_full_between_two_files(namespaces, device_root, registration_server, tmp_path):

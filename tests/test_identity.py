@@ -1,0 +1,51 @@
+"""The device key and CSR (SPEC section 2), checked against cryptography's own encoders."""
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from lmp_autoreg import identity
+from lmp_autoreg.testing.ca import ThrowawayCA
+
+
+@pytest.mark.parametrize("n", range(20))
+def test_key_pem_is_exactly_what_cryptography_writes(n):
+    key = identity.new_key()
+    expected = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    assert identity.key_to_pem(key) == expected
+    loaded = serialization.load_pem_private_key(identity.key_to_pem(key), password=None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    assert loaded.private_numbers() == key.private_numbers()
+
+
+def test_small_secrets_keep_their_leading_zeros():
+    # A secret below 2**248 has a zero first byte: the layout must still be 32 bytes.
+    key = ec.derive_private_key(12345, ec.SECP256R1())
+    expected = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    assert identity.key_to_pem(key) == expected
+
+
+def test_other_curves_are_refused():
+    with pytest.raises(ValueError, match="P-256"):
+        identity.key_to_pem(ec.generate_private_key(ec.SECP384R1()))
+
+
+def test_device_key_round_trip_and_repr():
+    device_key = identity.DeviceKey.generate()
+    again = identity.DeviceKey.from_pem(device_key.pem)
+    assert again.key.private_numbers() == device_key.key.private_numbers()
+    assert "PRIVATE" not in repr(device_key) and device_key.pem.decode() not in repr(device_key)
+    with pytest.raises(ValueError):
+        identity.DeviceKey.from_pem(b"not a key")
+
+
+def test_same_public_key():
+    ca = ThrowawayCA()
+    key = identity.new_key()
+    uuid = "11111111-2222-4333-8444-555555555555"
+    cert = identity.load_certificate(ca.sign_csr(identity.make_csr(key, uuid, "acme", False)))
+    assert identity.same_public_key(cert, key)
+    assert not identity.same_public_key(cert, identity.new_key())
+    assert identity.common_name(cert) == uuid
