@@ -88,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--start", metavar="LIST", help="services to start after success "
                        "(default aktualizr-lite,fioconfig)")
     start.add_argument("--no-start", action="store_true", help="start no service")
-    reg.add_argument("--poweroff", action="store_true", default=None,
-                     help="power the device off after a success")
+    power = reg.add_mutually_exclusive_group()
+    power.add_argument("--poweroff", action="store_true", default=None,
+                       help="power the device off after a success")
+    power.add_argument("--no-poweroff", dest="poweroff", action="store_false", default=None,
+                       help="do not power off (beats POWEROFF)")
     reg.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="overall deadline, bounding every request (default 300)")
     reg.add_argument("--cacert", metavar="PATH", help="CA bundle for an HTTPS registration server")
@@ -204,15 +207,6 @@ def cmd_register(args: argparse.Namespace) -> int:
                   f"valid until {result.certificate['not_after']}")
         print(f"  files in {settings.paths.sota}: "
               + ", ".join(f"{n} ({m})" for n, m in (result.files or {}).items()))
-    if result.result == "registered" and settings.poweroff:
-        from .poststeps import poweroff
-
-        sys.stdout.flush()  # the result is out before the device goes down
-        try:
-            poweroff(settings)
-        except PostStepFailed as e:  # the result is printed already: report, do not print again
-            logs.error("%s", e, extra=log.fields(LMP_EXIT_CODE=e.exit_code))
-            return e.exit_code
     logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
               extra=log.fields(LMP_EXIT_CODE=0))
     return 0

@@ -13,7 +13,9 @@ would act on the machine running the agent, so there they are skipped with a not
 - ``systemctl start`` of each service of ``--start`` (default aktualizr-lite,fioconfig),
   all of them even when one fails; a failure exits 7. When systemd is not running
   (``/run/systemd/system`` is missing, the check of sd_booted(3)), each is "skipped".
-- ``systemctl poweroff`` (``--poweroff``), called by the CLI after it printed the result.
+- ``systemctl poweroff`` (``--poweroff``), the last step, only when every step before it
+  succeeded; it queues the shutdown and returns, so the result is still printed, and
+  says whether the poweroff was refused (exit 7).
 
 Every command is bounded by ``min(60 s, --timeout)``. The device stays registered
 whatever happens here. Nothing secret is passed to these commands.
@@ -57,11 +59,15 @@ def step_timeout(settings: Settings) -> float:
 def run_post_steps(
     settings: Settings, result: "Result", environ: Mapping[str, str] | None = None
 ) -> None:
-    """Check in with fioconfig, then start the services; record both in ``result``.
+    """Check in with fioconfig, start the services, then (``--poweroff``) power off;
+    record each in ``result``.
 
     ``result.fioconfig`` becomes "ok", "off", "failed: ..." or "skipped: ...";
-    ``result.services`` maps each service to "started", "failed" or "skipped".
-    Raises ``PostStepFailed`` (exit 7) when a required step failed.
+    ``result.services`` maps each service to "started", "failed" or "skipped", and
+    ``"poweroff"`` to "requested", "failed" or "skipped" with ``--poweroff``. The poweroff
+    is asked for only when everything before it succeeded, and before the result is
+    printed, so that the JSON tells a jig whether it was refused. Raises
+    ``PostStepFailed`` (exit 7) when a required step failed.
     """
     environ = os.environ if environ is None else environ
     paths = settings.paths
@@ -70,6 +76,8 @@ def run_post_steps(
         LOG.info("post-steps %s: they would act on this machine, not on the image", note)
         result.fioconfig = "off" if settings.fioconfig == "off" else note
         result.services = {name: "skipped" for name in settings.start}
+        if settings.poweroff:
+            result.services["poweroff"] = "skipped"
         return
     failures = []
     checkin = fioconfig_checkin(settings, environ)
@@ -87,6 +95,14 @@ def run_post_steps(
     failed = [name for name, state in services.items() if state == "failed"]
     if failed:
         failures.append(f"could not start {', '.join(failed)}")
+    if settings.poweroff:
+        if failures:
+            LOG.warning("not powering off: %s", "; ".join(failures))
+            services["poweroff"] = "skipped"
+        else:
+            services["poweroff"] = poweroff(settings, environ)
+            if services["poweroff"] == "failed":
+                failures.append("the poweroff was refused")
     if failures:
         raise PostStepFailed("registered, but " + "; ".join(failures))
 
@@ -152,19 +168,15 @@ def start_services(settings: Settings, environ: Mapping[str, str]) -> dict[str, 
     return states
 
 
-def poweroff(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
-    """``systemctl poweroff``; raises ``PostStepFailed`` when it was refused."""
-    environ = os.environ if environ is None else environ
-    if not settings.paths.is_live:
-        LOG.info("poweroff skipped: --sysroot %s is not /", settings.paths.sysroot)
-        return
+def poweroff(settings: Settings, environ: Mapping[str, str]) -> str:
+    """``systemctl poweroff`` (it queues the job and returns): "requested", "failed" or
+    "skipped" (systemd is not running)."""
     if not systemd_running(environ):
         LOG.warning("systemd is not running: not powering off")
-        return
+        return "skipped"
     LOG.info("powering off")
     env = child_environ(environ, drop=("NOTIFY_SOCKET",))
-    if not _systemctl(["poweroff"], step_timeout(settings), env):
-        raise PostStepFailed("registered, but the poweroff was refused")
+    return "requested" if _systemctl(["poweroff"], step_timeout(settings), env) else "failed"
 
 
 def _systemctl(args: list[str], timeout: float, env: dict[str, str]) -> bool:

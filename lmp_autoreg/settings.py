@@ -195,10 +195,10 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         raise _invalid("uuid", "--uuid", f"{uuid!r} is not of the form 8-4-4-4-12 hex digits")
 
     apps_value, _, _ = src.first("apps", "--apps", "APPS")
-    if apps_value is not None:
-        apps: tuple[str, ...] | None = tuple(a.strip() for a in apps_value.split(",") if a.strip())
-    else:
-        apps = list_apps(paths.compose_apps) or None
+    # A list with no names in it (",", " ") counts as not given, like an empty value: both
+    # backends then mean the same thing, the apps found on the device, else all apps.
+    given = tuple(a.strip() for a in (apps_value or "").split(",") if a.strip())
+    apps = given or list_apps(paths.compose_apps) or None
 
     device_group, _, _ = src.first("device group", "--device-group", "DEVICE_GROUP")
     token, token_place = _token(cli, src, paths, production)
@@ -243,7 +243,7 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         fioconfig=fioconfig,
         fioconfig_bin=src.first("fioconfig binary", "--fioconfig-bin", "FIOCONFIG_BIN")[0],
         start=_start(cli, src),
-        poweroff=bool(cli.get("poweroff") or src.first("poweroff", None, "POWEROFF")[0]),
+        poweroff=_poweroff(cli, src),
         timeout=_timeout(src),
         cacert=_cacert(src),
         allow_insecure_token=bool(cli.get("allow_insecure_token")),
@@ -310,6 +310,12 @@ def _hsm(cli: Mapping[str, Any], paths: DevicePaths) -> Hsm | None:
             "refusing to fall back to a key on disk"
         )
     return Hsm(values["module"], values["pin"], values["so_pin"])  # type: ignore[arg-type]
+
+
+def _poweroff(cli: Mapping[str, Any], src: _Sources) -> bool:
+    if cli.get("poweroff") is not None:  # --poweroff / --no-poweroff
+        return bool(cli["poweroff"])
+    return src.first("poweroff", None, "POWEROFF")[0] is not None  # non-empty: on
 
 
 def _start(cli: Mapping[str, Any], src: _Sources) -> tuple[str, ...]:

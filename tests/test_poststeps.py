@@ -170,22 +170,27 @@ def test_no_start(live_root, device_root, registration_server, fakes, systemd):
     assert run.json["fioconfig"] == "ok"
 
 
-def test_poweroff_after_the_result(live_root, device_root, registration_server, fakes,
+def test_poweroff_is_the_last_step(live_root, device_root, registration_server, fakes,
                                    systemd):
     run = register(device_root, registration_server, fakes, systemd, "--poweroff")
     assert run.returncode == 0, run.stderr
-    assert run.json["result"] == "registered"
+    assert run.json["result"] == "registered" and run.json["exit_code"] == 0
+    assert run.json["services"] == {"aktualizr-lite": "started", "fioconfig": "started",
+                                    "poweroff": "requested"}
     assert commands(fakes)[-1] == ["systemctl", "poweroff"]
     assert run.stderr.index("done: registered") > run.stderr.index("powering off")
 
 
-def test_refused_poweroff_exits_7_with_one_json_object(live_root, device_root,
+def test_refused_poweroff_exits_7_and_the_json_says_so(live_root, device_root,
                                                        registration_server, fakes, systemd):
     fakes.set("systemctl", when={"poweroff": {"exit": 1, "stderr": "Access denied\n"}})
     run = register(device_root, registration_server, fakes, systemd, "--poweroff", "--no-start")
     assert run.returncode == 7
-    assert run.json["result"] == "registered"  # printed before the poweroff: one object
-    assert "the poweroff was refused" in run.stderr and "Access denied" in run.stderr
+    assert run.json["result"] == "registered" and run.json["exit_code"] == 7
+    assert run.json["services"] == {"poweroff": "failed"}
+    assert run.json["error"]["kind"] == "post-step"
+    assert "the poweroff was refused" in run.json["error"]["message"]
+    assert "Access denied" in run.stderr
 
 
 def test_no_poweroff_after_a_failure(live_root, device_root, registration_server, fakes,
@@ -193,6 +198,16 @@ def test_no_poweroff_after_a_failure(live_root, device_root, registration_server
     fakes.set("systemctl", when={"fioconfig": {"exit": 1}})
     run = register(device_root, registration_server, fakes, systemd, "--poweroff")
     assert run.returncode == 7
+    assert run.json["services"]["poweroff"] == "skipped"
+    assert ["systemctl", "poweroff"] not in commands(fakes)
+
+
+def test_no_poweroff_beats_the_environment(live_root, device_root, registration_server, fakes,
+                                           systemd):
+    run = register(device_root, registration_server, fakes, {**systemd, "POWEROFF": "1"},
+                   "--no-poweroff")
+    assert run.returncode == 0, run.stderr
+    assert "poweroff" not in run.json["services"]
     assert ["systemctl", "poweroff"] not in commands(fakes)
 
 
@@ -200,7 +215,8 @@ def test_without_systemd_services_are_skipped(live_root, device_root, registrati
                                               fakes, no_systemd):
     run = register(device_root, registration_server, fakes, no_systemd, "--poweroff")
     assert run.returncode == 0, run.stderr
-    assert run.json["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped"}
+    assert run.json["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped",
+                                    "poweroff": "skipped"}
     assert "systemd is not running: not starting aktualizr-lite, fioconfig" in run.stderr
     assert "systemd is not running: not powering off" in run.stderr
     assert fakes.calls("systemctl") == []
@@ -215,7 +231,8 @@ def test_sysroot_skips_every_post_step(device_root, registration_server, fakes, 
     assert run.returncode == 0, run.stderr
     note = f"skipped: --sysroot {device_root.root} is not /"
     assert run.json["fioconfig"] == note
-    assert run.json["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped"}
+    assert run.json["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped",
+                                    "poweroff": "skipped"}
     assert f"post-steps {note}" in run.stderr
     assert fakes.calls() == []
 

@@ -105,6 +105,7 @@ def test_apps_sources(fake_device):
     assert resolve({}, {}).apps == ("0first", "app1", "app2")
     assert resolve({}, {"APPS": "x, y"}).apps == ("x", "y")
     assert resolve({"apps": "z"}, {"APPS": "x"}).apps == ("z",)
+    assert resolve({"apps": " , "}, {}).apps == ("0first", "app1", "app2")  # no names: unset
     for app in ("0first", "app1", "app2"):
         for entry in Path("/var/sota/compose-apps", app).iterdir():
             entry.unlink()
