@@ -7,6 +7,7 @@ any failure it puts back what was there before this attempt.
 
 import logging
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -23,6 +24,9 @@ LOG = logging.getLogger(__name__)
 
 FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 REQUIRED = ("client.pem", "root.crt", "sota.toml")
+# Names in the sota dir that are not the server's to write: the device's own key,
+# aktualizr-lite's database, and the apps' directories.
+RESERVED = frozenset({"pkey.pem", "sql.db", "compose-apps", "reset-apps"})
 KEY_MODE = 0o600
 FILE_MODE = 0o644
 
@@ -49,8 +53,11 @@ def verify_answer(
     missing = [n for n in REQUIRED if n not in files]
     if missing:
         raise BadAnswer(f"the answer lacks {', '.join(missing)}")
-    if key is not None and "pkey.pem" in files:
+    if "pkey.pem" in files:
         raise BadAnswer("the answer carries a pkey.pem: the device key never leaves the device")
+    reserved = sorted(RESERVED.intersection(files))
+    if reserved:
+        raise BadAnswer(f"the answer names files that are not the server's to write: {reserved!r}")
     try:
         cert = identity.load_certificate(files["client.pem"])
     except ValueError as e:
@@ -96,6 +103,7 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
     path = sota
     try:
         sota.mkdir(parents=True, exist_ok=True)
+        _check_nothing_in_the_way(sota, plan)
         for item in plan:
             path = sota / item.name
             if item.name == "sota.toml":
@@ -122,6 +130,19 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
     return written
 
 
+def _check_nothing_in_the_way(sota: Path, plan: list[PlannedFile]) -> None:
+    """Before the first write: every target is a file (or a link to replace), or absent."""
+    for item in plan:
+        path = sota / item.name
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise LocalFailure(f"cannot write {path}: something other than a file is in the "
+                               "way; nothing was installed")
+
+
 def _read_or_none(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -144,10 +165,13 @@ def _restore(previous: dict[Path, bytes | None]) -> list[str]:
     return stuck
 
 
-def remove_registration(sota: Path) -> list[str]:
-    """--force: remove the previous registration's files; return the names removed."""
+def remove_registration(sota: Path, keep: frozenset[str] = frozenset()) -> list[str]:
+    """Remove a previous registration's files, but those in ``keep`` (which the new
+    registration replaces in place); return the names removed."""
     removed = []
     for name in REGISTRATION_FILES:
+        if name in keep:
+            continue
         path = sota / name
         try:
             path.unlink()

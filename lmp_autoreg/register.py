@@ -169,10 +169,8 @@ def _register(
     paths = settings.paths
     check_aklite(paths)
     if force:
+        # The previous registration stays until a new answer is verified (``_install``).
         state.abandon("--force")
-        removed = remove_registration(paths.sota)
-        if removed:
-            LOG.warning("--force: removed the previous registration (%s)", ", ".join(removed))
     else:
         check_not_registered(paths)  # again, under the lock: another run may just have ended
     state.sweep()
@@ -194,7 +192,7 @@ def _register(
             return _install(settings, state, result, journal.files, plan)
 
     if settings.backend == "lmp-device-register":
-        return _register_with_tool(settings, state, result, deadline)
+        return _register_with_tool(settings, state, result, deadline, force=force)
     ident, key = _take_identity(settings, state)
     uuid = ident.uuid
     _set_uuid(result, settings, uuid)
@@ -233,7 +231,7 @@ def _register(
 
 
 def _register_with_tool(
-    settings: Settings, state: State, result: Result, deadline: Deadline
+    settings: Settings, state: State, result: Result, deadline: Deadline, *, force: bool
 ) -> Result:
     """The lmp-device-register backend: the tool keeps the key, the agent keeps the uuid."""
     from . import backend_ldr
@@ -241,6 +239,8 @@ def _register_with_tool(
     ident = state.take_identity(settings.uuid, None)
     _set_uuid(result, settings, ident.uuid)
     preflight.warn(token_file=settings.token_place, production=settings.production)
+    if force:  # the tool refuses to overwrite a registration: the old one goes first
+        _remove_previous(settings.paths, frozenset())
     backend_ldr.register(settings, result, deadline=deadline)
     state.finish()
     return result
@@ -269,6 +269,12 @@ def _take_identity(settings: Settings, state: State) -> "tuple[Identity, DeviceK
         return ident, generated[-1]
 
 
+def _remove_previous(paths: DevicePaths, keep: frozenset[str]) -> None:
+    removed = remove_registration(paths.sota, keep)
+    if removed:
+        LOG.warning("removed the previous registration's %s", ", ".join(removed))
+
+
 def _install(
     settings: Settings, state: State, result: Result, files: dict[str, str], plan: list[PlannedFile]
 ) -> Result:
@@ -276,6 +282,11 @@ def _install(
     from . import identity, install
 
     paths = settings.paths
+    names = [item.name for item in plan]
+    # What the new answer does not replace of an old registration (--force, or an install
+    # completed from the journal) goes first: sota.toml, written last, must not appear
+    # beside the old sql.db.
+    _remove_previous(paths, frozenset(names))
     try:
         install.install(paths.sota, plan)
     except LocalFailure:
@@ -283,7 +294,6 @@ def _install(
                     "asking the server again", state.dir)
         raise
     state.finish()
-    names = [item.name for item in plan]
     result.files = install.file_modes(paths.sota, names)
     result.certificate = identity.summary(identity.load_certificate(files["client.pem"]))
     result.result = "registered"

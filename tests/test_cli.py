@@ -87,6 +87,17 @@ def test_force_registers_again(device_root, registration_server, sota):
     assert "removed the previous registration" in run.stderr
 
 
+def test_a_failed_force_keeps_the_old_registration(device_root, registration_server, sota):
+    assert run_cli(*device_args(device_root, registration_server)).returncode == 0
+    (sota / "sql.db").write_bytes(b"old database")
+    before = {p.name: p.read_bytes() for p in sota.iterdir() if p.is_file()}
+    registration_server.default = Reply.error(400, "no more devices today")
+    run = run_cli(*device_args(device_root, registration_server, "--force"))
+    assert run.returncode == 4
+    assert {p.name: p.read_bytes() for p in sota.iterdir() if p.is_file()} == before
+    assert run_cli("status", "--sysroot", str(device_root.root)).returncode == 0
+
+
 def test_missing_factory_exits_2_naming_every_place(tmp_path, registration_server):
     device = FakeDevice(tmp_path / "dev", factory=None).build()
     run = run_cli(*device_args(device, registration_server, "--json"))
@@ -164,12 +175,14 @@ def test_timeout_exits_5(device_root, registration_server):
     assert run.returncode == 5 and "no answer" in run.stderr
 
 
-def test_unwritable_sota_dir_exits_6_and_rolls_back(device_root, registration_server, sota):
-    # sota.toml, written last, cannot be renamed over a directory: everything before goes.
+def test_something_in_the_way_exits_6_writing_nothing(device_root, registration_server, sota):
+    # A directory where sota.toml goes: found before the first file is written.
     (sota / "sota.toml").mkdir()
     run = run_cli(*device_args(device_root, registration_server, "--json"))
     assert run.returncode == 6, run.stderr
-    assert run.json["error"]["kind"] == "local" and "sota.toml" in run.json["error"]["message"]
+    message = run.json["error"]["message"]
+    assert run.json["error"]["kind"] == "local" and f"cannot write {sota}/sota.toml" in message
+    assert "something other than a file is in the way" in message
     for name in ("pkey.pem", "client.pem", "root.crt", "client.chained"):
         assert not (sota / name).exists()
     assert [p.name for p in sota.iterdir() if p.name.startswith(".")] == [".lmp-autoreg"]

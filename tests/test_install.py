@@ -1,6 +1,7 @@
 """Installing the answer (SPEC section 4): modes, verification, and all-or-nothing."""
 
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,9 @@ def test_modes_whatever_the_umask(device_root, registration_server, sota, umask)
     [
         (Reply.bad_name("../evil"), "may not be written"),
         (Reply.bad_name(".hidden"), "may not be written"),
+        (Reply.bad_name("sql.db"), "not the server's to write: ['sql.db']"),
+        (Reply.bad_name("compose-apps"), "not the server's to write: ['compose-apps']"),
+        (Reply.bad_name("pkey.pem"), "the device key never leaves the device"),
         (Reply.other_key(), "another key"),
         (Reply.without("client.pem"), "lacks client.pem"),
         (Reply.without("sota.toml"), "lacks sota.toml"),
@@ -54,24 +58,29 @@ def test_certificate_for_another_uuid_is_rejected(device_root, registration_serv
     assert run.returncode == 5 and "not this device" in run.stderr
 
 
-def test_failure_between_two_files_restores_everything(tmp_path):
-    sota = tmp_path / "sota"
-    sota.mkdir()
-    (sota / "root.crt").write_bytes(b"a root that was here before")
-    (sota / "client.pem").mkdir()  # the second file cannot be renamed into place
+def test_failure_between_two_files_restores_everything(fs):
+    fs.create_file("/var/sota/root.crt", contents="a root that was here before")
+    fs.set_disk_usage(400, path="/var/sota")
+    # pkey.pem and root.crt fit; client.pem does not: the disk fills between two files.
     plan = [PlannedFile("pkey.pem", b"key", 0o600), PlannedFile("root.crt", b"new root", 0o644),
-            PlannedFile("client.pem", b"cert", 0o644), PlannedFile("sota.toml", b"x=1", 0o644)]
-    with pytest.raises(LocalFailure, match="client.pem"):
-        install(sota, plan)
-    assert sorted(p.name for p in sota.iterdir()) == ["client.pem", "root.crt"]
-    assert (sota / "root.crt").read_bytes() == b"a root that was here before"
+            PlannedFile("client.pem", b"c" * 500, 0o644), PlannedFile("sota.toml", b"x=1", 0o644)]
+    with pytest.raises(LocalFailure, match="cannot write /var/sota/client.pem: No space left"):
+        install(Path("/var/sota"), plan)
+    assert sorted(p.name for p in Path("/var/sota").iterdir()) == ["root.crt"]
+    assert Path("/var/sota/root.crt").read_bytes() == b"a root that was here before"
+
+
+def test_something_in_the_way_fails_before_any_write(tmp_path):
+    (tmp_path / "client.pem").mkdir()
+    plan = [PlannedFile("pkey.pem", b"key", 0o600), PlannedFile("client.pem", b"cert", 0o644)]
+    with pytest.raises(LocalFailure, match="client.pem: something other than a file"):
+        install(tmp_path, plan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["client.pem"]
 
 
 def test_disk_full_at_unit_level(fs):
     fs.create_dir("/var/sota")
     fs.set_disk_usage(200, path="/var/sota")
-    from pathlib import Path
-
     plan = [PlannedFile("pkey.pem", b"k" * 50, 0o600),
             PlannedFile("sota.toml", b"x" * 500, 0o644)]
     with pytest.raises(LocalFailure, match="cannot write /var/sota/sota.toml: No space left"):
