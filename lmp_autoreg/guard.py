@@ -22,6 +22,7 @@ STATE_DIR = ".lmp-autoreg"
 JOURNAL = "install.json"
 
 StrPath = str | os.PathLike[str]
+MAX_LINKS = 40  # as the kernel: a loop of links is an error, not a hang
 
 
 def read_env_file(path: StrPath) -> dict[str, str]:
@@ -51,8 +52,35 @@ def read_env_file(path: StrPath) -> dict[str, str]:
 
 
 def host_path(sysroot: str, device_path: str) -> str:
-    """Where ``device_path`` (absolute, on the device) is on this machine."""
-    return os.path.join(sysroot, device_path.lstrip("/"))
+    """Where ``device_path`` (absolute, on the device) is on this machine.
+
+    On the device itself that is the path as it is. Under another sysroot (a mounted
+    image), symbolic links are followed as the device would follow them: an absolute
+    target, and ``..``, stay inside the sysroot instead of reaching this machine's files.
+    """
+    if sysroot == "/":
+        return device_path
+    todo = [p for p in device_path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = os.path.join(sysroot, *done, part)
+        if not os.path.islink(here):
+            done.append(part)
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise ConfigError(f"too many symbolic links under {sysroot} in {device_path}")
+        target = os.readlink(here)
+        if target.startswith("/"):
+            done = []
+        todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
+    return os.path.join(sysroot, *done)
 
 
 def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, str]:
@@ -74,9 +102,10 @@ def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
         if value is None or value == "":
             continue
         value = str(value)
-        if not value.startswith("/"):
+        if not value.startswith("/") or ".." in value.split("/"):
             raise ConfigError(
-                f"sota dir from {place} is invalid: {value!r} is not an absolute device path"
+                f"sota dir from {place} is invalid: {value!r} is not an absolute device path "
+                "without '..'"
             )
         return sysroot, value
     return sysroot, DEFAULT_SOTA_DIR

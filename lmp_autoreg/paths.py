@@ -9,6 +9,8 @@ binaries) never come here.
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
+from .guard import STATE_DIR, host_path
+
 DEFAULT_SOTA_DIR = PurePosixPath("/var/sota")
 DEFAULTS_FILE = PurePosixPath("/etc/default/lmp-device-auto-register")
 OS_RELEASE = PurePosixPath("/etc/os-release")
@@ -29,8 +31,9 @@ class DevicePaths(NamedTuple):
     sota_device: PurePosixPath = DEFAULT_SOTA_DIR
 
     def host(self, device_path: PurePosixPath | str) -> Path:
-        """Where ``device_path`` (an absolute path on the device) lives on this machine."""
-        return self.sysroot / str(device_path).lstrip("/")
+        """Where ``device_path`` (an absolute path on the device) lives on this machine;
+        links inside a mounted image stay inside it (``guard.host_path``)."""
+        return Path(host_path(str(self.sysroot), str(device_path)))
 
     @property
     def is_live(self) -> bool:
@@ -52,7 +55,7 @@ class DevicePaths(NamedTuple):
     @property
     def state_dir(self) -> Path:
         """The agent's own state (lock, pending identity): ``<sota>/.lmp-autoreg``."""
-        return self.sota / ".lmp-autoreg"
+        return self.sota / STATE_DIR
 
     @property
     def defaults_file(self) -> Path:

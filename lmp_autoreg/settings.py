@@ -133,6 +133,14 @@ class _Sources:
                 return str(value), place, looked
         return None, "", looked
 
+    def machine_path(self, value: str, place: str, paths: DevicePaths) -> Path:
+        """A path setting as a path on this machine. The command line and the environment
+        are typed for this machine; the default file belongs to the device, so a path in
+        it is a device path, resolved under the sysroot (SPEC section 3)."""
+        if place.endswith(f" in {DEFAULTS_FILE}"):
+            return paths.host(value)
+        return Path(value)
+
     def require(self, what: str, flag: str | None, env: str | None, files=()) -> tuple[str, str]:
         value, place, looked = self.first(what, flag, env, files)
         if value is None:
@@ -245,7 +253,7 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         start=_start(cli, src),
         poweroff=_poweroff(cli, src),
         timeout=_timeout(src),
-        cacert=_cacert(src),
+        cacert=_cacert(src, paths),
         allow_insecure_token=bool(cli.get("allow_insecure_token")),
     )
 
@@ -274,10 +282,11 @@ def _token(
 ) -> tuple[str | None, str | None]:
     explicit, place, looked = src.first("token file", "--token-file", "TOKEN_FILE")
     if explicit is not None:
-        token = _first_line(Path(explicit))
+        path = src.machine_path(explicit, place, paths)
+        token = _first_line(path)
         if token is None:
-            raise ConfigError(f"API token file {explicit} (from {place}) is missing or empty")
-        return token, explicit
+            raise ConfigError(f"API token file {path} (from {place}) is missing or empty")
+        return token, str(path)
     token = _first_line(paths.token_file)
     if token is not None:
         return token, str(paths.token_file)
@@ -340,8 +349,11 @@ def _timeout(src: _Sources) -> float:
     return timeout
 
 
-def _cacert(src: _Sources) -> str | None:
+def _cacert(src: _Sources, paths: DevicePaths) -> str | None:
     value, place, _ = src.first("CA bundle", "--cacert", "CACERT")
-    if value is not None and not Path(value).is_file():
-        raise _invalid("CA bundle", place, f"{value} is not a readable file")
-    return value
+    if value is None:
+        return None
+    path = src.machine_path(value, place, paths)
+    if not path.is_file():
+        raise _invalid("CA bundle", place, f"{path} is not a readable file")
+    return str(path)

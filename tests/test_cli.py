@@ -98,6 +98,17 @@ def test_a_failed_force_keeps_the_old_registration(device_root, registration_ser
     assert run_cli("status", "--sysroot", str(device_root.root)).returncode == 0
 
 
+def test_an_image_whose_sota_dir_is_an_absolute_link(tmp_path, registration_server):
+    device = FakeDevice(tmp_path / "image", sota_dir="/data/sota").build()
+    (device.root / "var").mkdir()
+    (device.root / "var" / "sota").symlink_to("/data/sota")  # absolute, as in the image
+    run = run_cli(*device_args(device, registration_server, "--json"))
+    assert run.returncode == 0, run.stderr
+    assert (device.root / "data/sota/sota.toml").is_file()
+    assert registration_server.requests[0].json["sota-config-dir"] == "/var/sota"
+    assert not Path("/data/sota/sota.toml").exists()
+
+
 def test_missing_factory_exits_2_naming_every_place(tmp_path, registration_server):
     device = FakeDevice(tmp_path / "dev", factory=None).build()
     run = run_cli(*device_args(device, registration_server, "--json"))

@@ -189,3 +189,52 @@ def test_read_env_file_and_list_apps(fs):
     assert read_env_file(Path("/f")) == {"A": "1", "C": "x y"}
     assert read_env_file(Path("/missing")) == {}
     assert list_apps(Path("/missing")) == ()
+
+
+def test_links_in_a_mounted_image_stay_inside_it(fake_device):
+    populate("/mnt/image", {
+        "usr": {"lib": {"os-release": 'LMP_FACTORY="inside"\nLMP_MACHINE=rpi\n'}},
+        "etc": {"sota": {"tag": "prod\n"}, "lmp-device-register-token": "image-token\n"},
+        "data": {"sota": {"compose-apps": {"web": None}}},
+        "var": None,
+    })
+    # Absolute links, as an image has them: they mean /mnt/image/..., never this machine's.
+    Path("/mnt/image/etc/os-release").symlink_to("/usr/lib/os-release")
+    Path("/mnt/image/var/sota").symlink_to("/data/sota")
+    write("/usr/lib/os-release", 'LMP_FACTORY="this-machine"\n')
+    s = resolve({"sysroot": "/mnt/image"}, {})
+    assert s.factory == "inside" and s.apps == ("web",)
+    assert s.paths.sota == Path("/mnt/image/data/sota")
+    assert s.paths.sota_device == PurePosixPath("/var/sota")
+    # A relative link climbing out of the image stops at its root, as on the device.
+    Path("/mnt/image/etc/os-release").unlink()
+    Path("/mnt/image/etc/os-release").symlink_to("../../../../usr/lib/os-release")
+    assert resolve({"sysroot": "/mnt/image"}, {}).factory == "inside"
+
+
+def test_a_link_loop_in_an_image_is_a_config_error(fake_device):
+    populate("/mnt/image", {"etc": None})
+    Path("/mnt/image/etc/os-release").symlink_to("/etc/os-release")
+    with pytest.raises(ConfigError, match="too many symbolic links"):
+        resolve({"sysroot": "/mnt/image"}, {})
+
+
+def test_sota_dir_with_dot_dot_is_refused(fake_device):
+    with pytest.raises(ConfigError, match="without '..'"):
+        resolve({"sota_dir": "/var/../../tmp/escaped"}, {})
+
+
+def test_paths_in_the_images_default_file_are_device_paths(fake_device):
+    populate("/mnt/image", {
+        "etc": {"os-release": 'LMP_FACTORY="f"\nLMP_MACHINE=m\nLMP_FACTORY_TAG=t\n',
+                "default": {"lmp-device-auto-register":
+                            "TOKEN_FILE=/etc/my-token\nCACERT=/etc/ssl/factory-ca.pem\n"},
+                "my-token": "image-token\n", "ssl": {"factory-ca.pem": "a CA\n"}},
+    })
+    write("/etc/my-token", "this-machines-token\n")
+    s = resolve({"sysroot": "/mnt/image"}, {})
+    assert s.token == "image-token" and s.token_place == "/mnt/image/etc/my-token"
+    assert s.cacert == "/mnt/image/etc/ssl/factory-ca.pem"
+    # From the real environment, the same names are paths on this machine.
+    s = resolve({"sysroot": "/mnt/image"}, {"TOKEN_FILE": "/etc/my-token"})
+    assert s.token == "this-machines-token"
