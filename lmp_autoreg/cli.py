@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{self.prog}: {message}")
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +172,8 @@ def _verbosity(args: argparse.Namespace) -> int:
 def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
     if isinstance(error, AlreadyRegistered):
         data: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
-        data.update(result="already-registered", uuid=error.uuid, error=None)
+        data.update(result="already-registered", uuid=error.uuid, sota_dir=error.sota_dir,
+                    error=None)
     else:
         from .register import Result
 
@@ -188,7 +189,8 @@ def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
 def cmd_register(args: argparse.Namespace) -> int:
     cli = vars(args)
     if not args.force:
-        guard.check_not_registered(guard.sota_dir(cli, os.environ))
+        sysroot, sota = guard.locate(cli, os.environ)
+        guard.check_not_registered(guard.host_path(sysroot, sota), sota)
     logs = logger(_verbosity(args))
     from . import log
     from .register import register

@@ -28,9 +28,10 @@ class AlreadyRegistered(AutoregError):
     exit_code = 3
     kind = "already-registered"
 
-    def __init__(self, message: str, uuid: str | None = None) -> None:
+    def __init__(self, message: str, uuid: str | None = None, sota_dir: str | None = None):
         super().__init__(message)
         self.uuid = uuid
+        self.sota_dir = sota_dir  # the device path, for the JSON
 
 
 class ServerRefused(AutoregError):

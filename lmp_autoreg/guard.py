@@ -111,11 +111,6 @@ def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
     return sysroot, DEFAULT_SOTA_DIR
 
 
-def sota_dir(cli: Mapping[str, object], environ: Mapping[str, str]) -> str:
-    """The host path of the sota dir."""
-    return host_path(*locate(cli, environ))
-
-
 def is_registered(sota: StrPath) -> bool:
     """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration.
 
@@ -148,8 +143,10 @@ def registered_uuid(sota: StrPath) -> str | None:
         return None
 
 
-def check_not_registered(sota: StrPath) -> None:
-    """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: SPEC section 1."""
+def check_not_registered(sota: StrPath, device_path: str | None = None) -> None:
+    """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: SPEC section 1.
+
+    ``sota`` is the sota dir on this machine, ``device_path`` the same on the device."""
     if is_registered(sota):
         uuid = registered_uuid(sota)
         raise AlreadyRegistered(
@@ -157,4 +154,5 @@ def check_not_registered(sota: StrPath) -> None:
             + (f", uuid {uuid}" if uuid else "")
             + "): nothing to do; --force registers again",
             uuid,
+            device_path,
         )

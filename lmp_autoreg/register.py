@@ -1,6 +1,6 @@
 """The registration itself, end to end, as one library function: ``register``.
 
-The CLI is a thin layer over ``check_not_registered`` and ``register``. Heavy modules
+The CLI is a thin layer over ``guard.check_not_registered`` and ``register``. Heavy modules
 (``cryptography``, ``requests``) are imported only once a registration really starts, so
 the already-registered path stays cheap on a small board.
 """
@@ -66,11 +66,6 @@ class Result:
         return data
 
 
-def check_not_registered(paths: DevicePaths) -> None:
-    """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: SPEC section 1."""
-    guard.check_not_registered(paths.sota)
-
-
 def _describe(settings: Settings, uuid: str | None) -> Result:
     return Result(
         result="",
@@ -98,7 +93,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
     deadline = Deadline(settings.timeout)
     paths = settings.paths
     if not force:
-        check_not_registered(paths)
+        guard.check_not_registered(paths.sota, str(paths.sota_device))
     if settings.hsm is not None and settings.backend == "native":
         raise ConfigError(
             f"an HSM is configured ({settings.hsm.module}): the native backend makes file "
@@ -172,7 +167,8 @@ def _register(
         # The previous registration stays until a new answer is verified (``_install``).
         state.abandon("--force")
     else:
-        check_not_registered(paths)  # again, under the lock: another run may just have ended
+        # Again, under the lock: another run may just have ended.
+        guard.check_not_registered(paths.sota, str(paths.sota_device))
     state.sweep()
 
     journal = state.load_journal()

@@ -109,7 +109,6 @@ class _Sources:
 
     def first(
         self,
-        what: str,
         flag: str | None,
         env: str | None,
         files: tuple[tuple[str, Callable[[], str | None]], ...] = (),
@@ -142,7 +141,7 @@ class _Sources:
         return Path(value)
 
     def require(self, what: str, flag: str | None, env: str | None, files=()) -> tuple[str, str]:
-        value, place, looked = self.first(what, flag, env, files)
+        value, place, looked = self.first(flag, env, files)
         if value is None:
             raise ConfigError(f"{what} is not set: looked in {', '.join(looked)}")
         return value, place
@@ -171,7 +170,7 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     def from_os_release(key: str) -> tuple[str, Callable[[], str | None]]:
         return (f"{key} in {OS_RELEASE}", lambda: os_release.get(key))
 
-    device_api, place, _ = src.first("registration URL", "--device-api", "DEVICE_API")
+    device_api, place, _ = src.first("--device-api", "DEVICE_API")
     device_api = device_api or DEFAULT_DEVICE_API
     if not re.match(r"https?://[^/\s]+", device_api):
         raise _invalid("registration URL", place, f"{device_api!r} is not an http(s) URL")
@@ -202,19 +201,19 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     if uuid is not None and not UUID_RE.fullmatch(uuid):
         raise _invalid("uuid", "--uuid", f"{uuid!r} is not of the form 8-4-4-4-12 hex digits")
 
-    apps_value, _, _ = src.first("apps", "--apps", "APPS")
+    apps_value, _, _ = src.first("--apps", "APPS")
     # A list with no names in it (",", " ") counts as not given, like an empty value: both
     # backends then mean the same thing, the apps found on the device, else all apps.
     given = tuple(a.strip() for a in (apps_value or "").split(",") if a.strip())
     apps = given or list_apps(paths.compose_apps) or None
 
-    device_group, _, _ = src.first("device group", "--device-group", "DEVICE_GROUP")
+    device_group, _, _ = src.first("--device-group", "DEVICE_GROUP")
     token, token_place = _token(cli, src, paths, production)
     check_token_transport(device_api, has_token=token is not None,
                           allow_insecure=bool(cli.get("allow_insecure_token")))
-    token_header, _, _ = src.first("token header", "--api-token-header", "TOKEN_HEADER")
+    token_header, _, _ = src.first("--api-token-header", "TOKEN_HEADER")
 
-    backend, place, _ = src.first("backend", "--backend", "BACKEND")
+    backend, place, _ = src.first("--backend", "BACKEND")
     backend = backend or "native"
     if backend not in BACKENDS:
         raise _invalid("backend", place, f"{backend!r} is not one of {', '.join(BACKENDS)}")
@@ -224,7 +223,7 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
             f"(--sysroot {paths.sysroot}): use --backend native"
         )
 
-    fioconfig, place, _ = src.first("fioconfig", "--fioconfig", "FIOCONFIG")
+    fioconfig, place, _ = src.first("--fioconfig", "FIOCONFIG")
     fioconfig = fioconfig or "auto"
     if fioconfig not in FIOCONFIG_MODES:
         raise _invalid("fioconfig", place, f"{fioconfig!r} is not one of auto, on, off")
@@ -246,10 +245,9 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         hsm=_hsm(cli, paths),
         restorable_apps=cli.get("restorable_apps"),
         backend=backend,
-        lmp_device_register=src.first("lmp-device-register", "--lmp-device-register",
-                                      "LMP_DEVICE_REGISTER")[0],
+        lmp_device_register=src.first("--lmp-device-register", "LMP_DEVICE_REGISTER")[0],
         fioconfig=fioconfig,
-        fioconfig_bin=src.first("fioconfig binary", "--fioconfig-bin", "FIOCONFIG_BIN")[0],
+        fioconfig_bin=src.first("--fioconfig-bin", "FIOCONFIG_BIN")[0],
         start=_start(cli, src),
         poweroff=_poweroff(cli, src),
         timeout=_timeout(src),
@@ -262,13 +260,13 @@ def _production(cli: Mapping[str, Any], src: _Sources) -> bool:
     if cli.get("production") is not None:
         return bool(cli["production"])
     # PRODUCTION set to anything, even empty, means production (as the shell script has it).
-    return src.first("production", None, "PRODUCTION", empty_ok=True)[0] is not None
+    return src.first(None, "PRODUCTION", empty_ok=True)[0] is not None
 
 
 def _name(cli: Mapping[str, Any], src: _Sources, paths: DevicePaths) -> str | None:
     if cli.get("name"):
         return str(cli["name"])
-    use_hostname, place, _ = src.first("use hostname", None, "USE_HOSTNAME")
+    use_hostname, place, _ = src.first(None, "USE_HOSTNAME")
     if use_hostname is None:
         return None
     hostname = _first_line(paths.hostname)
@@ -280,7 +278,7 @@ def _name(cli: Mapping[str, Any], src: _Sources, paths: DevicePaths) -> str | No
 def _token(
     cli: Mapping[str, Any], src: _Sources, paths: DevicePaths, production: bool
 ) -> tuple[str | None, str | None]:
-    explicit, place, looked = src.first("token file", "--token-file", "TOKEN_FILE")
+    explicit, place, looked = src.first("--token-file", "TOKEN_FILE")
     if explicit is not None:
         path = src.machine_path(explicit, place, paths)
         token = _first_line(path)
@@ -324,20 +322,20 @@ def _hsm(cli: Mapping[str, Any], paths: DevicePaths) -> Hsm | None:
 def _poweroff(cli: Mapping[str, Any], src: _Sources) -> bool:
     if cli.get("poweroff") is not None:  # --poweroff / --no-poweroff
         return bool(cli["poweroff"])
-    return src.first("poweroff", None, "POWEROFF")[0] is not None  # non-empty: on
+    return src.first(None, "POWEROFF")[0] is not None  # non-empty: on
 
 
 def _start(cli: Mapping[str, Any], src: _Sources) -> tuple[str, ...]:
     if cli.get("no_start"):
         return ()
-    value, _, _ = src.first("services", "--start", "START_SERVICES", empty_ok=True)
+    value, _, _ = src.first("--start", "START_SERVICES", empty_ok=True)
     if value is None:
         return DEFAULT_START
     return tuple(s.strip() for s in value.split(",") if s.strip())
 
 
 def _timeout(src: _Sources) -> float:
-    value, place, _ = src.first("timeout", "--timeout", "REGISTRATION_TIMEOUT")
+    value, place, _ = src.first("--timeout", "REGISTRATION_TIMEOUT")
     if value is None:
         return DEFAULT_TIMEOUT
     try:
@@ -350,7 +348,7 @@ def _timeout(src: _Sources) -> float:
 
 
 def _cacert(src: _Sources, paths: DevicePaths) -> str | None:
-    value, place, _ = src.first("CA bundle", "--cacert", "CACERT")
+    value, place, _ = src.first("--cacert", "CACERT")
     if value is None:
         return None
     path = src.machine_path(value, place, paths)

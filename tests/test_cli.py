@@ -65,7 +65,7 @@ def test_already_registered_exits_3_and_sends_nothing(device_root, registration_
     run = run_cli(*device_args(device_root, registration_server, "--json"))
     assert run.returncode == 3
     assert run.json["result"] == "already-registered" and run.json["uuid"] == uuid
-    assert run.json["exit_code"] == 3
+    assert run.json["exit_code"] == 3 and run.json["sota_dir"] == "/var/sota"
     assert len(registration_server.requests) == 1
     assert {p: p.read_bytes() for p in sota.iterdir() if p.is_file()} == before
 
@@ -142,6 +142,9 @@ def test_bad_option_exits_2_with_json(device_root, registration_server):
     assert run.returncode == 2 and run.json["error"]["kind"] == "config"
     run = run_cli("register", "--no-such-option", "--json")
     assert run.returncode == 2 and run.json["result"] == "error"
+    assert run.json["error"]["message"] == (
+        "unrecognized arguments: --no-such-option (see 'lmp-device-auto-register --help')"
+    )
 
 
 def test_server_refusal_exits_4_with_server_message(device_root, registration_server, sota):

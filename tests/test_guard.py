@@ -24,7 +24,7 @@ def test_sota_dir_comes_from_the_first_place_that_sets_it(tmp_path):
     assert guard.locate(cli, {"SOTA_DIR": "/data/env"}) == (root, "/data/cli")
     # Empty values count as unset, at every level.
     assert guard.locate({"sysroot": root, "sota_dir": ""}, {"SOTA_DIR": ""})[1] == "/data/from-file"
-    assert guard.sota_dir(cli, {}) == f"{root}/data/cli"
+    assert guard.host_path(*guard.locate(cli, {})) == f"{root}/data/cli"
     assert resolve_paths(cli, {}).sota == tmp_path / "data/cli"
 
 
