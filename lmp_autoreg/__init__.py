@@ -2,6 +2,10 @@
 
 Read top-down:
 
+- ``guard``     the light first check of every start: where the sota dir is, and is the
+                device already registered (nothing heavier than ``os``: most starts end here)
+- ``der``       a small DER reader for the subject and expiry of ``client.pem``, without
+                ``cryptography`` (used by ``guard`` and ``status``)
 - ``settings``  where every setting comes from (CLI > env > default file > device files)
 - ``paths``     the device's file layout, resolved under ``--sysroot``
 - ``errors``    one exception per exit code
@@ -16,7 +20,7 @@ Read top-down:
 - ``backend_ldr`` the alternative backend: run the C++ ``lmp-device-register``
 - ``poststeps`` fioconfig check-in, service starts, poweroff
 - ``log``, ``journal``  stderr logging; journald fields and sd_notify under systemd
-- ``util``      the few wrappers that write files and run commands
+- ``util``      small wrappers: atomic file writes, running commands, the random uuid
 - ``status``    is this device registered, and as what
 - ``cli``       argparse, output, JSON, exit codes
 - ``demo``      a whole registration against an embedded loopback server

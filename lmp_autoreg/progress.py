@@ -1,8 +1,9 @@
 """Progress of a registration, one line per step: ``status(message)``.
 
-Every step a person or systemd should see (each attempt, each failure and its next wait)
-goes through ``status``. It logs the line; this is also the one place where the line is
-handed on to systemd's status (``sd_notify`` ``STATUS=``) when the agent runs as a unit.
+The retry loop reports each attempt, and each failure with its next wait, through
+``status``, which only logs the line. Nothing here talks to systemd: under systemd,
+``journal.NotifyHandler`` hands every record at INFO or above, from any of the agent's
+modules, to ``sd_notify`` as ``STATUS=``; these lines are among them.
 """
 
 import logging

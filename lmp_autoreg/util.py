@@ -1,7 +1,11 @@
-"""The few small wrappers through which the agent touches the system.
+"""Small wrappers for the agent's main side effects: atomic file writes and commands.
 
-Writing files and running commands happen only here, so that tests and readers have one
-place to look for side effects. (HTTP lives in ``client``.)
+Every file the agent installs or saves whole (the answer's files, the pending identity,
+the install journal) is written by ``write_atomic``, and every command runs through
+``run``. Smaller changes to the disk are made where they are needed: ``state``,
+``install`` and ``backend_ldr`` create directories, remove files or set modes
+themselves, and ``state`` writes its pid into the lock file. HTTP lives in ``client``.
+Also here: a child's environment (``child_environ``) and a random uuid (``random_uuid``).
 """
 
 from __future__ import annotations

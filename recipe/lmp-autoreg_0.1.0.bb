@@ -97,9 +97,15 @@ do_install[postfuncs] += "lmp_autoreg_install_settings"
 
 SYSTEMD_SERVICE:${PN} = "lmp-device-auto-register.service"
 
-# python3-core holds argparse, dataclasses, ipaddress, os, pathlib, signal, subprocess,
-# threading, time and urllib.parse. python3-io: socket, ssl, tempfile. python3-netclient:
-# http.client, secrets, urllib.request, uuid. python3-netserver: socketserver (http.server).
+# What the package imports, by the python3 package that holds it. python3-core: most of the
+# standard library it uses (argparse, os, pathlib, shutil, subprocess, ...). python3-datetime:
+# the clock check. python3-fcntl: the registration lock. python3-io: socket (sd_notify
+# without systemd-python), ssl and tempfile (demo, test kit). python3-json, python3-logging,
+# python3-tomllib: their modules. python3-netclient: base64 (the key's PEM) and http (the
+# loopback server of demo and the test kit). python3-netserver: socketserver, under
+# http.server. random (retry jitter) is in python3-math, which python3-io and
+# python3-netclient depend on. python3-requests: HTTP. python3-cryptography: key, CSR,
+# certificates. python3-systemd: journal fields and sd_notify.
 RDEPENDS:${PN} += "python3-core \
                    python3-cryptography \
                    python3-datetime \
