@@ -37,8 +37,10 @@ ROWS = {
     "down-then-up": Row(server={"listen_delay": 1.0}, timeout="5", message="Connection refused"),
     "503 x3": Row(replies=[Reply(status=503, headers=FAST)] * 3, requests=(4, 4),
                   message="HTTP 503"),
+    # A last attempt starts only with retry.MIN_ATTEMPT (1 s) left: 2.5 s leaves 1.5 s of
+    # attempts 0.1 s apart.
     "503 always": Row(default=Reply(status=503, headers=FAST), exit=5, requests=(4, 30),
-                      timeout="1.5", message="HTTP 503"),
+                      timeout="2.5", message="HTTP 503"),
     "429 once": Row(replies=[Reply(status=429, headers=FAST)], requests=(2, 2),
                     message="HTTP 429"),
     "hang past the timeout": Row(default=Reply.hang(10), exit=5, timeout="1.5",
