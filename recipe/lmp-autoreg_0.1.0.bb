@@ -77,6 +77,8 @@ do_install:append() {
         ${D}${systemd_system_unitdir}/lmp-device-auto-register.service
     install -D -m 0644 ${S}/systemd/lmp-device-auto-register.default \
         ${D}${sysconfdir}/default/lmp-device-auto-register
+    install -D -m 0644 ${S}/systemd/lmp-autoreg.tmpfiles \
+        ${D}${nonarch_libdir}/tmpfiles.d/lmp-autoreg.conf
 }
 
 python lmp_autoreg_install_settings() {
@@ -96,6 +98,7 @@ lmp_autoreg_install_settings[doc] = "Write the recipe's settings and, for non-pr
 do_install[postfuncs] += "lmp_autoreg_install_settings"
 
 SYSTEMD_SERVICE:${PN} = "lmp-device-auto-register.service"
+FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/lmp-autoreg.conf"
 
 # What the package imports, by the python3 package that holds it. python3-core: most of the
 # standard library it uses (argparse, os, pathlib, shutil, subprocess, ...). python3-datetime:

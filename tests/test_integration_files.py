@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT_NAME = "lmp-device-auto-register.service"
 UNIT = ROOT / "systemd" / UNIT_NAME
 DEFAULT_FILE = ROOT / "systemd" / "lmp-device-auto-register.default"
+TMPFILES = ROOT / "systemd" / "lmp-autoreg.tmpfiles"
 RECIPES = sorted((ROOT / "recipe").glob("lmp-autoreg_*.bb"))
 MAX_EXPOSURE = 3.5
 SETTINGS = (
@@ -196,6 +197,15 @@ def test_unit_runs_once_and_retries(unit: Unit) -> None:
     assert sorted(words(unit, "Service", "RestartPreventExitStatus")) == ["2", "4"]
     assert single(unit, "Unit", "StartLimitIntervalSec") == "0"
     assert words(unit, "Install", "WantedBy") == ["multi-user.target"]
+
+
+def test_tmpfiles_creates_the_sota_dir_the_sandbox_needs(tmp_path: Path, unit: Unit) -> None:
+    # ReadWritePaths=/var/sota fails the unit's start when /var/sota is missing.
+    tool = require_tool("systemd-tmpfiles")
+    proc = run([tool, f"--root={tmp_path}", "--create", str(TMPFILES)])
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert stat.S_IMODE((tmp_path / "var/sota").stat().st_mode) == 0o755
+    assert "/var/sota" in words(unit, "Service", "ReadWritePaths")
 
 
 def test_unit_hardening_keeps_what_the_agent_needs(unit: Unit) -> None:
@@ -408,7 +418,7 @@ def run_recipe_install(
     """Run do_install:append and the python postfunc of the recipe; return ${D} and warnings."""
     src = tmp_path / "git"
     (src / "systemd").mkdir(parents=True)
-    for f in (UNIT, DEFAULT_FILE):
+    for f in (UNIT, DEFAULT_FILE, TMPFILES):
         (src / "systemd" / f.name).write_bytes(f.read_bytes())
     dest = tmp_path / "image"
     variables = {
@@ -416,6 +426,7 @@ def run_recipe_install(
         "D": str(dest),
         "sysconfdir": "/etc",
         "systemd_system_unitdir": "/usr/lib/systemd/system",
+        "nonarch_libdir": "/usr/lib",
         **parsed.defaults(),
         **settings,
     }
@@ -449,6 +460,7 @@ TOKEN = "ci-token-0123456789abcdef"
 def test_install_without_token(parsed: ParsedRecipe, tmp_path: Path) -> None:
     dest, warnings = run_recipe_install(parsed, tmp_path, {})
     assert (dest / "usr/lib/systemd/system" / UNIT_NAME).read_bytes() == UNIT.read_bytes()
+    assert (dest / "usr/lib/tmpfiles.d/lmp-autoreg.conf").read_bytes() == TMPFILES.read_bytes()
     assert added_settings(dest) == ["START_SERVICES=aktualizr-lite,fioconfig", "FIOCONFIG=auto"]
     assert not (dest / "etc/lmp-device-register-token").exists()
     assert warnings == []
