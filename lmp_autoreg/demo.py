@@ -18,7 +18,6 @@ DEMO_FACTORY = "demo-factory"
 
 
 def run_demo(*, keep: str | None, as_json: bool) -> int:
-    from . import identity
     from .cli import emit_json
     from .testing.device import FakeDevice
     from .testing.server import RegistrationServer
@@ -42,14 +41,13 @@ def run_demo(*, keep: str | None, as_json: bool) -> int:
             )
             LOG.info("demo server at %s, device root %s", server.url, root)
             result = register(settings)
-        cert = identity.load_certificate(device.sota.joinpath("client.pem").read_bytes())
-        info = identity.describe(cert)
+        assert result.certificate is not None
         summary: dict[str, Any] = {
             **result.to_json(),
             "exit_code": 0,
             "error": None,
             "device_root": str(root) if keep else None,
-            "issuer": info.issuer,
+            "issuer": result.certificate["issuer"],
         }
         if as_json:
             emit_json(summary)

@@ -131,16 +131,6 @@ def common_name(cert: x509.Certificate) -> str | None:
     return str(names[0].value) if names else None
 
 
-class CertInfo(NamedTuple):
-    subject: str
-    issuer: str
-    serial: str
-    not_after: str  # ISO 8601, UTC
-    common_name: str | None
-    organizational_unit: str | None
-    production: bool
-
-
 # rfc4514_string() knows only the common attribute names; SPEC speaks of businessCategory.
 _NAMES = {NameOID.BUSINESS_CATEGORY: "businessCategory"}
 
@@ -149,26 +139,11 @@ def name_string(name: x509.Name) -> str:
     return name.rfc4514_string(_NAMES)
 
 
-def describe(cert: x509.Certificate) -> CertInfo:
-    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    category = cert.subject.get_attributes_for_oid(NameOID.BUSINESS_CATEGORY)
-    return CertInfo(
-        subject=name_string(cert.subject),
-        issuer=name_string(cert.issuer),
-        serial=format(cert.serial_number, "x"),
-        not_after=cert.not_valid_after_utc.isoformat(),
-        common_name=common_name(cert),
-        organizational_unit=str(ou[0].value) if ou else None,
-        production=any(a.value == "production" for a in category),
-    )
-
-
 def summary(cert: x509.Certificate) -> dict[str, str]:
-    """The ``certificate`` object of the JSON result (SPEC section 6)."""
-    info = describe(cert)
+    """The ``certificate`` object of the JSON result (SPEC section 6), with its issuer."""
     return {
-        "subject": info.subject,
-        "issuer": info.issuer,
-        "serial": info.serial,
-        "not_after": info.not_after,
+        "subject": name_string(cert.subject),
+        "issuer": name_string(cert.issuer),
+        "serial": format(cert.serial_number, "x"),
+        "not_after": cert.not_valid_after_utc.isoformat(),  # ISO 8601, UTC
     }
