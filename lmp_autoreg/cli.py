@@ -46,10 +46,16 @@ def _help_formatter(prog: str) -> argparse.HelpFormatter:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors become ConfigError (exit 2), so ``--json`` still gets its object."""
+    """Usage errors become ConfigError (exit 2), so ``--json`` still gets its object.
+
+    Options must be typed whole: argparse's abbreviations would let ``--prod`` mean
+    ``--production``, and a flag with consequences is not to be guessed.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _help_formatter)  # sub-commands' parsers too
+        # Sub-commands' parsers are made by this class too, so they get the same.
+        kwargs.setdefault("formatter_class", _help_formatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:

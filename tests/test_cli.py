@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lmp_autoreg import __version__
 from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.server import RegistrationServer, Reply
@@ -145,6 +147,30 @@ def test_bad_option_exits_2_with_json(device_root, registration_server):
     assert run.json["error"]["message"] == (
         "unrecognized arguments: --no-such-option (see 'lmp-device-auto-register --help')"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "abbreviation"),
+    [((), "--prod"), (("register",), "--prod"), (("register", "--force"), "--dry"),
+     ((), "--js"), (("status",), "--sys"), (("demo",), "--kee")],
+)
+def test_abbreviated_options_are_refused(device_root, registration_server, sota, command,
+                                         abbreviation):
+    """An option is typed whole or not at all: ``--prod`` does not mean ``--production``
+    (nor ``--dry`` ``--dry-run``), whatever the command."""
+    args = [*command, *device_args(device_root, registration_server)]
+    if command[:1] in (("status",), ("demo",)):
+        args = [*command]
+    run = run_cli(*args, abbreviation, str(device_root.root), "--json")
+    assert run.returncode == 2, run.stderr
+    assert run.json["error"]["kind"] == "config"
+    assert f"unrecognized arguments: {abbreviation}" in run.json["error"]["message"]
+    assert registration_server.requests == [] and not (sota / "sota.toml").exists()
+
+
+def test_short_options_still_combine(tmp_path):
+    run = run_cli("status", "-vv", "--sysroot", str(tmp_path))
+    assert run.returncode == 1 and run.stdout == "not registered\n", run.stderr
 
 
 def test_server_refusal_exits_4_with_server_message(device_root, registration_server, sota):
