@@ -141,8 +141,22 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
-    if argv and (argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version")):
+    """``argv`` with its command: ``register`` when it starts with an option (or is empty).
+
+    A first word that is not a command is refused (``ConfigError``), with the closest
+    command suggested: ``regster --force`` must not read as ``register`` with a stray word.
+    """
+    if not argv:
+        return ["register"]
+    if argv[0] in (*COMMANDS, "-h", "--help", "--version"):
         return argv
+    if not argv[0].startswith("-"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown command {argv[0]!r}: {hint}the commands are "
+                          f"{', '.join(COMMANDS)} (see '{PROG} --help')")
     return ["register", *argv]
 
 
@@ -198,12 +212,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    args_list = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args_list
     verbosity = 0
     error: AutoregError
     try:
-        args = build_parser().parse_args(args_list)
+        args = build_parser().parse_args(_with_default_command(args_list))
         verbosity = _verbosity(args)
         return int(args.func(args))
     except AlreadyRegistered as e:

@@ -173,6 +173,36 @@ def test_short_options_still_combine(tmp_path):
     assert run.returncode == 1 and run.stdout == "not registered\n", run.stderr
 
 
+@pytest.mark.parametrize(
+    ("word", "suggestion"),
+    [("regster", "register"), ("stauts", "status"), ("dmeo", "demo"), ("registered", "register"),
+     ("frobnicate", None)],
+)
+def test_a_typo_in_the_command_is_an_unknown_command(device_root, registration_server, sota,
+                                                      word, suggestion):
+    """A mistyped command is named as such, with the closest command, and nothing runs;
+    it is not taken for ``register`` with a stray word."""
+    run = run_cli(word, *device_args(device_root, registration_server), "--json")
+    assert run.returncode == 2, run.stderr
+    message = run.json["error"]["message"]
+    assert message.startswith(f"unknown command '{word}': ")
+    assert "the commands are register, status, demo" in message
+    if suggestion:
+        assert f"did you mean '{suggestion}'?" in message
+    else:
+        assert "did you mean" not in message
+    assert f"unknown command '{word}'" in run.stderr
+    assert registration_server.requests == [] and not (sota / ".lmp-autoreg").exists()
+
+
+def test_register_is_the_command_when_the_first_word_is_an_option(device_root,
+                                                                   registration_server):
+    run = run_cli(*device_args(device_root, registration_server), "--json")
+    assert run.returncode == 0 and run.json["result"] == "registered", run.stderr
+    run = run_cli("--force", *device_args(device_root, registration_server), "--json")
+    assert run.returncode == 0 and run.json["result"] == "registered", run.stderr
+
+
 def test_server_refusal_exits_4_with_server_message(device_root, registration_server, sota):
     registration_server.enqueue(Reply.error(409, "Device already exists"))
     run = run_cli(*device_args(device_root, registration_server, "--json"))
