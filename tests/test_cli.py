@@ -327,3 +327,36 @@ def test_demo_from_a_subprocess(tmp_path):
     run = run_cli("demo")
     assert run.returncode == 0, run.stderr
     assert "uuid:" in run.stdout and "issuer:" in run.stdout and "0600  pkey.pem" in run.stdout
+
+
+def test_demo_keep_refuses_a_used_directory_and_a_file(tmp_path):
+    """``demo --keep`` builds a device only in a new or empty directory: on one already
+    used, or on a plain file, it is a usage error that says what to do, and nothing
+    there is touched."""
+    used = tmp_path / "used"
+    assert run_cli("demo", "--keep", str(used)).returncode == 0
+    before = {p: p.read_bytes() for p in used.rglob("*") if p.is_file()}
+    run = run_cli("demo", "--keep", str(used), "--json")
+    assert run.returncode == 2, run.stderr
+    assert run.json["error"]["kind"] == "config"
+    assert run.json["error"]["message"] == (
+        f"--keep {used}: the directory is not empty (an earlier demo's device?); remove it, "
+        "or name a new or empty directory"
+    )
+    assert {p: p.read_bytes() for p in used.rglob("*") if p.is_file()} == before
+
+    plain = tmp_path / "plain"
+    plain.write_text("mine\n")
+    for target in (plain, plain / "below"):
+        run = run_cli("demo", "--keep", str(target))
+        assert run.returncode == 2, run.stderr
+        assert f"--keep {target}: " in run.stderr and "name a" in run.stderr
+        assert "internal error" not in run.stderr
+    assert "not a directory; name a new directory" in run_cli("demo", "--keep", str(plain)).stderr
+    assert plain.read_text() == "mine\n"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = run_cli("demo", "--keep", str(empty), "--json")
+    assert run.returncode == 0, run.stderr
+    assert run.json["device_root"] == str(empty)
