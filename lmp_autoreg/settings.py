@@ -3,14 +3,15 @@
 For each setting the first place that has it wins: the command line, then the
 environment, then ``/etc/default/lmp-device-auto-register``, then the device's own files,
 then the default. ``resolve`` is pure apart from reading those files; it raises
-``ConfigError`` naming the setting and every place it looked.
+one ``ConfigError`` naming every setting that is missing or invalid, each with every
+place it looked.
 """
 
 import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from . import BACKENDS, FIOCONFIG_MODES
 from .errors import ConfigError
@@ -22,6 +23,7 @@ DEFAULT_DEVICE_API = "https://api.foundries.io/ota/devices/"
 DEFAULT_TOKEN_HEADER = "OSF-TOKEN"
 DEFAULT_START = ("aktualizr-lite", "fioconfig")
 DEFAULT_TIMEOUT = 300.0
+T = TypeVar("T")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -157,49 +159,57 @@ def resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> DeviceP
     return DevicePaths(Path(sysroot), PurePosixPath(sota_dir))
 
 
+class _Problems:
+    """The ConfigErrors of one ``resolve``, gathered so that one run names them all."""
+
+    def __init__(self) -> None:
+        self.found: list[ConfigError] = []
+
+    def check(self, get: Callable[[], T], default: T) -> T:
+        """``get()``, or (it raised ConfigError) ``default``, the error kept."""
+        try:
+            return get()
+        except ConfigError as e:
+            self.found.append(e)
+            return default
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigError(f"{len(self.found)} settings are missing or invalid: "
+                              + "; ".join(str(e) for e in self.found))
+
+
 def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     """Resolve every setting of SPEC section 3 for a ``register`` run.
 
     ``cli`` maps argparse destinations (``factory``, ``token_file``, ...) to values, None
-    meaning "not given"; ``environ`` is the process environment.
+    meaning "not given"; ``environ`` is the process environment. Every setting that is
+    missing or invalid is named in one ``ConfigError`` (after the sysroot and the sota dir,
+    which the others are read under: those fail alone).
     """
     paths = resolve_paths(cli, environ)
     src = _Sources(cli, environ, paths)
     os_release = read_env_file(paths.os_release)
+    problems = _Problems()
+    check = problems.check
 
     def from_os_release(key: str) -> tuple[str, Callable[[], str | None]]:
         return (f"{key} in {OS_RELEASE}", lambda: os_release.get(key))
 
-    device_api, place, _ = src.first("--device-api", "DEVICE_API")
-    device_api = device_api or DEFAULT_DEVICE_API
-    if not re.match(r"https?://[^/\s]+", device_api):
-        raise _invalid("registration URL", place, f"{device_api!r} is not an http(s) URL")
-
+    device_api = check(lambda: _device_api(src), None)
     production = _production(cli, src)
-
-    factory, place = src.require(
-        "factory", "--factory", "DEVICE_FACTORY", (from_os_release("LMP_FACTORY"),)
-    )
-    if factory == "lmp":
-        raise _invalid("factory", place, "'lmp' is the placeholder of an unconfigured build")
-
-    tag, _ = src.require(
-        "tag",
-        "--tag",
-        None,
-        (
-            (str(SOTA_TAG), lambda: _first_line(paths.sota_tag)),
-            from_os_release("LMP_FACTORY_TAG"),
-        ),
-    )
-    hardware_id, _ = src.require(
+    factory = check(lambda: _factory(src, from_os_release("LMP_FACTORY")), "")
+    tag = check(lambda: src.require("tag", "--tag", None, (
+        (str(SOTA_TAG), lambda: _first_line(paths.sota_tag)),
+        from_os_release("LMP_FACTORY_TAG"),
+    ))[0], "")
+    hardware_id = check(lambda: src.require(
         "hardware id", "--hwid", "HARDWARE_ID", (from_os_release("LMP_MACHINE"),)
-    )
-
-    name = _name(cli, src, paths)
-    uuid = cli.get("uuid")
-    if uuid is not None and not UUID_RE.fullmatch(uuid):
-        raise _invalid("uuid", "--uuid", f"{uuid!r} is not of the form 8-4-4-4-12 hex digits")
+    )[0], "")
+    name = check(lambda: _name(cli, src, paths), None)
+    uuid = check(lambda: _uuid(cli), None)
 
     apps_value, _, _ = src.first("--apps", "APPS")
     # A list with no names in it (",", " ") counts as not given, like an empty value: both
@@ -208,25 +218,20 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     apps = given or list_apps(paths.compose_apps) or None
 
     device_group, _, _ = src.first("--device-group", "DEVICE_GROUP")
-    token, token_place = _token(cli, src, paths, production)
-    check_token_transport(device_api, has_token=token is not None,
-                          allow_insecure=bool(cli.get("allow_insecure_token")))
+    no_token: tuple[str | None, str | None] = (None, None)
+    token, token_place = check(lambda: _token(cli, src, paths, production), no_token)
+    if device_api is not None:
+        check(lambda: check_token_transport(device_api, has_token=token is not None,
+                                            allow_insecure=bool(cli.get("allow_insecure_token"))),
+              None)
     token_header, _, _ = src.first("--api-token-header", "TOKEN_HEADER")
-
-    backend, place, _ = src.first("--backend", "BACKEND")
-    backend = backend or "native"
-    if backend not in BACKENDS:
-        raise _invalid("backend", place, f"{backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "lmp-device-register" and not paths.is_live:
-        raise ConfigError(
-            "the lmp-device-register backend cannot register a mounted image "
-            f"(--sysroot {paths.sysroot}): use --backend native"
-        )
-
-    fioconfig, place, _ = src.first("--fioconfig", "FIOCONFIG")
-    fioconfig = fioconfig or "auto"
-    if fioconfig not in FIOCONFIG_MODES:
-        raise _invalid("fioconfig", place, f"{fioconfig!r} is not one of auto, on, off")
+    backend = check(lambda: _backend(src, paths), "native")
+    fioconfig = check(lambda: _fioconfig(src), "auto")
+    hsm = check(lambda: _hsm(cli, paths), None)
+    timeout = check(lambda: _timeout(src), DEFAULT_TIMEOUT)
+    cacert = check(lambda: _cacert(src, paths), None)
+    problems.raise_any()
+    assert device_api is not None  # else raise_any raised
 
     return Settings(
         paths=paths,
@@ -236,13 +241,13 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         tag=tag,
         hardware_id=hardware_id,
         name=name,
-        uuid=uuid.lower() if uuid else None,
+        uuid=uuid,
         apps=apps,
         device_group=device_group,
         token=token,
         token_place=token_place,
         token_header=token_header or DEFAULT_TOKEN_HEADER,
-        hsm=_hsm(cli, paths),
+        hsm=hsm,
         restorable_apps=cli.get("restorable_apps"),
         backend=backend,
         lmp_device_register=src.first("--lmp-device-register", "LMP_DEVICE_REGISTER")[0],
@@ -250,10 +255,55 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         fioconfig_bin=src.first("--fioconfig-bin", "FIOCONFIG_BIN")[0],
         start=_start(cli, src),
         poweroff=_poweroff(cli, src),
-        timeout=_timeout(src),
-        cacert=_cacert(src, paths),
+        timeout=timeout,
+        cacert=cacert,
         allow_insecure_token=bool(cli.get("allow_insecure_token")),
     )
+
+
+def _device_api(src: _Sources) -> str:
+    device_api, place, _ = src.first("--device-api", "DEVICE_API")
+    device_api = device_api or DEFAULT_DEVICE_API
+    if not re.match(r"https?://[^/\s]+", device_api):
+        raise _invalid("registration URL", place, f"{device_api!r} is not an http(s) URL")
+    return device_api
+
+
+def _factory(src: _Sources, os_release: tuple[str, Callable[[], str | None]]) -> str:
+    factory, place = src.require("factory", "--factory", "DEVICE_FACTORY", (os_release,))
+    if factory == "lmp":
+        raise _invalid("factory", place, "'lmp' is the placeholder of an unconfigured build")
+    return factory
+
+
+def _uuid(cli: Mapping[str, Any]) -> str | None:
+    uuid = cli.get("uuid")
+    if uuid is None:
+        return None
+    if not UUID_RE.fullmatch(uuid):
+        raise _invalid("uuid", "--uuid", f"{uuid!r} is not of the form 8-4-4-4-12 hex digits")
+    return str(uuid).lower()
+
+
+def _backend(src: _Sources, paths: DevicePaths) -> str:
+    backend, place, _ = src.first("--backend", "BACKEND")
+    backend = backend or "native"
+    if backend not in BACKENDS:
+        raise _invalid("backend", place, f"{backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "lmp-device-register" and not paths.is_live:
+        raise ConfigError(
+            "the lmp-device-register backend cannot register a mounted image "
+            f"(--sysroot {paths.sysroot}): use --backend native"
+        )
+    return backend
+
+
+def _fioconfig(src: _Sources) -> str:
+    fioconfig, place, _ = src.first("--fioconfig", "FIOCONFIG")
+    fioconfig = fioconfig or "auto"
+    if fioconfig not in FIOCONFIG_MODES:
+        raise _invalid("fioconfig", place, f"{fioconfig!r} is not one of auto, on, off")
+    return fioconfig
 
 
 def _production(cli: Mapping[str, Any], src: _Sources) -> bool:

@@ -360,3 +360,37 @@ def test_demo_keep_refuses_a_used_directory_and_a_file(tmp_path):
     run = run_cli("demo", "--keep", str(empty), "--json")
     assert run.returncode == 0, run.stderr
     assert run.json["device_root"] == str(empty)
+
+
+def test_every_missing_or_invalid_setting_is_named_in_one_run(tmp_path, registration_server):
+    """One run names every setting that is missing or invalid, each with where it was
+    looked for, so that a device is not fixed one setting per boot."""
+    device = FakeDevice(tmp_path / "dev", factory=None, machine=None, token=None).build()
+    env = clean_env(FIOCONFIG="maybe")
+    run = run_cli("--sysroot", str(device.root), "--device-api", registration_server.url,
+                  "--uuid", "nope", "--timeout", "0", "--cacert", str(tmp_path / "no.pem"),
+                  "--json", env=env)
+    assert run.returncode == 2, run.stderr
+    message = run.json["error"]["message"]
+    expected = [
+        "factory is not set: looked in --factory, $DEVICE_FACTORY, DEVICE_FACTORY in "
+        "/etc/default/lmp-device-auto-register, LMP_FACTORY in /etc/os-release",
+        "hardware id is not set: looked in --hwid, $HARDWARE_ID, HARDWARE_ID in "
+        "/etc/default/lmp-device-auto-register, LMP_MACHINE in /etc/os-release",
+        "uuid from --uuid is invalid: 'nope' is not of the form 8-4-4-4-12 hex digits",
+        "API token is not set: looked in --token-file, $TOKEN_FILE",
+        "fioconfig from $FIOCONFIG is invalid: 'maybe' is not one of auto, on, off",
+        "timeout from --timeout is invalid: '0.0' is not a positive number of seconds",
+        f"CA bundle from --cacert is invalid: {tmp_path / 'no.pem'} is not a readable file",
+    ]
+    assert message.startswith(f"{len(expected)} settings are missing or invalid: ")
+    positions = [message.find(text) for text in expected]
+    assert -1 not in positions, message
+    assert positions == sorted(positions)  # in the order of the settings
+    assert message in run.stderr
+    assert registration_server.requests == [] and not (device.sota / ".lmp-autoreg").exists()
+    # One problem alone reads as itself, without a count.
+    run = run_cli(*device_args(device, registration_server), "--factory", "acme",
+                  "--hwid", "m", "--production", "--uuid", "nope", "--json")
+    assert run.returncode == 2, run.stderr
+    assert run.json["error"]["message"] == expected[2]
