@@ -30,7 +30,7 @@ TMPFILES = ROOT / "systemd" / "lmp-autoreg.tmpfiles"
 RECIPES = sorted((ROOT / "recipe").glob("lmp-autoreg_*.bb"))
 MAX_EXPOSURE = 3.5
 SETTINGS = (
-    # SPEC section 3
+    # docs/spec.md section 3
     "DEVICE_API",
     "PRODUCTION",
     "DEVICE_FACTORY",
