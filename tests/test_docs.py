@@ -4,12 +4,13 @@ the repository, and every relative link in its markdown resolves."""
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 
-from conftest import require_tool
+from conftest import require_tool, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = "docs/spec.md"
@@ -158,3 +159,41 @@ def test_every_cited_section_exists():
             cited.update(int(n) for n in re.findall(r"\d+", match.group(1)))
     assert cited, "nothing cites docs/spec.md by section"
     assert cited <= set(range(1, 9)), sorted(cited)
+
+
+def help_options(*command: str) -> list[str]:
+    """Every option spelling in the real CLI's ``--help`` for ``command``."""
+    run = run_cli(*command, "--help")
+    assert run.returncode == 0, run.stderr
+    options = []
+    for line in run.stdout.splitlines():
+        match = re.match(r"  (-[^ ].*?)(?:  |$)", line)
+        if match:
+            for spelling in match.group(1).split(", "):
+                options.append(spelling.split(" ")[0])
+    return options
+
+
+@pytest.mark.parametrize("command", ["register", "status", "demo"])
+def test_readme_names_every_option_of_the_command(command):
+    options = help_options(command)
+    assert "--json" in options and "-h" in options
+    readme = (REPO / "README.md").read_text()
+    sections = re.findall(r"^## (Commands|Settings)\n(.*?)(?=^## )", readme, re.M | re.S)
+    assert [name for name, _ in sections] == ["Commands", "Settings"]
+    text = "".join(body for _, body in sections)
+    missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text)]
+    assert not missing, f"README's Commands and Settings miss these {command} options: {missing}"
+
+
+def test_readme_shows_how_to_run_what_make_installed():
+    """`make` puts the command in .venv/bin, not on PATH: the README says so, and it is there."""
+    readme = (REPO / "README.md").read_text()
+    assert ".venv/bin/lmp-device-auto-register --help" in readme
+    assert ". .venv/bin/activate" in readme
+    command = Path(sys.executable).parent / "lmp-device-auto-register"
+    if not command.exists():  # not run from a venv that `make` built
+        pytest.skip(f"{command} is not installed beside the running Python")
+    run = subprocess.run([str(command), "--version"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("lmp-device-auto-register"), run
