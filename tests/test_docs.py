@@ -186,6 +186,14 @@ def test_readme_names_every_option_of_the_command(command):
     assert not missing, f"README's Commands and Settings miss these {command} options: {missing}"
 
 
+@pytest.mark.parametrize("command", ["register", "status", "demo"])
+def test_spec_names_every_option_of_the_command(command):
+    text = (REPO / SPEC).read_text()
+    missing = [o for o in help_options(command)
+               if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text)]
+    assert not missing, f"{SPEC} misses these {command} options: {missing}"
+
+
 def test_readme_shows_how_to_run_what_make_installed():
     """`make` puts the command in .venv/bin, not on PATH: the README says so, and it is there."""
     readme = (REPO / "README.md").read_text()
