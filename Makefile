@@ -7,14 +7,22 @@ STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,dev$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test lint bench bench-check clean
+.PHONY: all venv demo test lint bench bench-check clean FORCE
 
 all: test
 
+# The stamp holds the EXTRAS the venv was installed with. When the machine changes (say
+# libsystemd-dev is installed after the first make), EXTRAS differs from the stamp, and the
+# next make installs again with the new set instead of skipping systemd-python until a clean.
+ifneq ($(file <$(STAMP)),$(EXTRAS))
+$(STAMP): FORCE
+endif
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
-	touch $(STAMP)
+	echo '$(EXTRAS)' > $(STAMP)
+
+FORCE:
 
 venv: $(STAMP)
 

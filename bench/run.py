@@ -65,7 +65,7 @@ BASELINES = {
 RECOVERY_DELAY = 3.0
 LONG_RECOVERY_DELAY = 60.0
 RECOVERY_LIMIT = 2.0
-# Budgets of issue 5: (scenario, metric, limit). Ratios are medians of per-run ratios.
+# Budgets (docs/performance.md): (scenario, metric, limit). Ratios are medians of per-run ratios.
 BUDGETS: list[tuple[str, str, float]] = [
     ("happy", "wall_ratio", 1.25),
     ("happy", "rss_ratio", 1.15),

@@ -1,4 +1,4 @@
-"""The ``lmp-device-register`` backend (SPEC section 5): the C++ tool makes the key and CSR,
+"""The ``lmp-device-register`` backend (docs/spec.md section 5): the C++ tool makes the key and CSR,
 sends the request and writes the files; the agent does everything around it.
 
 The agent has already resolved the settings, passed the already-registered guard and

@@ -1,4 +1,4 @@
-"""The registration request (SPEC section 2): what goes on the wire, and one attempt at it.
+"""The registration request (docs/spec.md section 2): what goes on the wire, and one attempt at it.
 
 ``request_body`` is a pure function of the settings; ``RegistrationClient.post`` makes one
 attempt and classifies its outcome as an answer (a dict of files), ``ServerRefused``

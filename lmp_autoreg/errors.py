@@ -1,4 +1,4 @@
-"""One exception class per exit code of SPEC section 6.
+"""One exception class per exit code of docs/spec.md section 6.
 
 Every failure the agent knows about is raised as one of these; the CLI turns the class
 into the exit code and the ``kind`` into the JSON ``error.kind``. Anything else that

@@ -87,7 +87,7 @@ def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
     """The sysroot and the sota dir (a device path), from the first place that sets them.
 
     The sota dir comes from ``--sota-dir``, ``$SOTA_DIR``, ``SOTA_DIR`` in the default file
-    (under the sysroot), or the default; empty values count as unset (SPEC section 3).
+    (under the sysroot), or the default; empty values count as unset (docs/spec.md section 3).
     """
     sysroot = str(cli.get("sysroot") or "/")
     if not os.path.isdir(sysroot):
@@ -112,7 +112,7 @@ def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
 
 
 def is_registered(sota: StrPath) -> bool:
-    """SPEC section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration.
+    """docs/spec.md section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration.
 
     Never while an install journal exists: then those files are an unfinished install.
     """
@@ -144,7 +144,7 @@ def registered_uuid(sota: StrPath) -> str | None:
 
 
 def check_not_registered(sota: StrPath, device_path: str | None = None) -> None:
-    """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: SPEC section 1.
+    """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: docs/spec.md section 1.
 
     ``sota`` is the sota dir on this machine, ``device_path`` the same on the device."""
     if is_registered(sota):

@@ -1,4 +1,4 @@
-"""Verify the server's answer, then install it into the sota dir (SPEC section 4).
+"""Verify the server's answer, then install it into the sota dir (docs/spec.md section 4).
 
 ``verify_answer`` decides (pure: it returns the files to write, in order, or raises
 ``BadAnswer``); ``install`` acts: one atomic file at a time, ``sota.toml`` last, and on

@@ -1,4 +1,4 @@
-"""Where every setting comes from (SPEC section 3).
+"""Where every setting comes from (docs/spec.md section 3).
 
 For each setting the first place that has it wins: the command line, then the
 environment, then ``/etc/default/lmp-device-auto-register``, then the device's own files,
@@ -50,7 +50,10 @@ class Hsm(NamedTuple):
 
 
 class Settings(NamedTuple):
-    """Every setting of a registration, resolved (SPEC section 3); ``repr`` hides the token."""
+    """Every setting of a registration, resolved (docs/spec.md section 3).
+
+    ``repr`` hides the token.
+    """
 
     paths: DevicePaths
     device_api: str
@@ -137,7 +140,7 @@ class _Sources:
     def machine_path(self, value: str, place: str, paths: DevicePaths) -> Path:
         """A path setting as a path on this machine. The command line and the environment
         are typed for this machine; the default file belongs to the device, so a path in
-        it is a device path, resolved under the sysroot (SPEC section 3)."""
+        it is a device path, resolved under the sysroot (docs/spec.md section 3)."""
         if place.endswith(f" in {DEFAULTS_FILE}"):
             return paths.host(value)
         return Path(value)
@@ -182,7 +185,7 @@ class _Problems:
 
 
 def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
-    """Resolve every setting of SPEC section 3 for a ``register`` run.
+    """Resolve every setting of docs/spec.md section 3 for a ``register`` run.
 
     ``cli`` maps argparse destinations (``factory``, ``token_file``, ...) to values, None
     meaning "not given"; ``environ`` is the process environment. Every setting that is

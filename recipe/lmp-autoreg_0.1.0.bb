@@ -12,11 +12,12 @@ LIC_FILES_CHKSUM = "file://LICENSE;md5=027b40e2873ae93f89269c7b6ffc02fb"
 CVE_PRODUCT = "lmp-autoreg"
 
 # The repository of this project and the commit to build. A factory points both at the
-# mirror it builds from and the commit it has tested (docs/adopting.md).
+# mirror it builds from and the commit it has tested (docs/adopting.md). Here SRCREV is a
+# commit of main; tests/test_integration_files.py checks it is an ancestor of HEAD.
 LMP_AUTOREG_GIT_URI ?= "git://git.example.com/lmp-autoreg.git;protocol=https;branch=main"
 PV = "0.1.0+git"
 SRC_URI = "${LMP_AUTOREG_GIT_URI}"
-SRCREV = "3f505ff38ad526367b75b4f37d3fcb93c14f0333"
+SRCREV = "0b8a69ae6ad23ef632332bbf9e954beadb26f641"
 
 S = "${WORKDIR}/git"
 

@@ -1,4 +1,4 @@
-"""The request on the wire (SPEC section 2), as the test kit's server receives it."""
+"""The request on the wire (docs/spec.md section 2), as the test kit's server receives it."""
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID

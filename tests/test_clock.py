@@ -1,4 +1,5 @@
-"""Clock sanity (issue 4, point 7): a clock before the release date gets a clear warning."""
+"""Clock sanity (docs/reliability.md section 7): a clock before the release date gets a clear
+warning."""
 
 import subprocess
 import sys

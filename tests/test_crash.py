@@ -1,4 +1,5 @@
-"""Crash safety (issue 4, point 4): kill -9 the real agent at each step, then run it again.
+"""Crash safety (docs/reliability.md section 4): kill -9 the real agent at each step, then run
+it again.
 
 After the kill the device must not look registered; the rerun must end in a correctly
 registered device with the *same* uuid. The server here refuses a uuid it has already

@@ -1,4 +1,5 @@
-"""The fault-injection suite (issue 4, point 8): the real agent against the kit's server.
+"""The fault-injection suite (docs/reliability.md section 8): the real agent against the
+kit's server.
 
 One row per fault. Each row asserts the exit code, the files left in the sota dir, the
 number of requests, and that every request carried the same uuid (one device, never two).

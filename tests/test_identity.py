@@ -1,4 +1,4 @@
-"""The device key and CSR (SPEC section 2), checked against cryptography's own encoders."""
+"""The device key and CSR (docs/spec.md section 2), checked against cryptography's own encoders."""
 
 import pytest
 from cryptography import x509

@@ -1,4 +1,4 @@
-"""Installing the answer (SPEC section 4): modes, verification, and all-or-nothing."""
+"""Installing the answer (docs/spec.md section 4): modes, verification, and all-or-nothing."""
 
 import stat
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The early ends of the agent load only what they use (issue 5; docs/performance.md).
+"""The early ends of the agent load only what they use (docs/performance.md).
 
 Each probe runs the CLI's ``main`` in a fresh interpreter and records ``sys.modules``.
 The interpreter runs with ``-S`` and the checkout plus site-packages on ``PYTHONPATH``, as

@@ -1,4 +1,5 @@
-"""Local faults on real file systems (issue 4, point 5): disk full, read-only, no permission.
+"""Local faults on real file systems (docs/reliability.md section 5): disk full, read-only,
+no permission.
 
 Each test runs the agent in a private mount namespace (``unshare -m``, as root) whose sota
 dir is a small ``tmpfs``, and injects the fault while the agent waits at a named step (the

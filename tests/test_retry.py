@@ -1,4 +1,5 @@
-"""The retry policy (issue 4, point 1): the pure backoff, the loop, and the agent's timing."""
+"""The retry policy (docs/reliability.md section 1): the pure backoff, the loop, and the
+agent's timing."""
 
 import time
 

@@ -1,4 +1,5 @@
-"""Secrets (issue 4, point 6): the token, PINs and keys never show; where a token may go."""
+"""Secrets (docs/reliability.md section 6): the token, PINs and keys never show; where a token
+may go."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Settings sources and their precedence (SPEC section 3), on a pyfakefs device."""
+"""Settings sources and their precedence (docs/spec.md section 3), on a pyfakefs device."""
 
 from pathlib import Path, PurePosixPath
 

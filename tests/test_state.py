@@ -1,4 +1,5 @@
-"""One identity per device, and one registration at a time (issue 4, points 2 and 3)."""
+"""One identity per device, and one registration at a time (docs/reliability.md sections 2
+and 3)."""
 
 import fcntl
 import json

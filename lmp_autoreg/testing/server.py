@@ -1,6 +1,6 @@
 """A loopback device registration server for tests.
 
-It speaks the ``/sign`` protocol of the factory's registration service (SPEC section 2):
+It speaks the ``/sign`` protocol of the factory's registration service (docs/spec.md section 2):
 a JSON POST with the device's CSR, answered by HTTP 201 and a JSON object mapping file
 names to contents. Tests steer it with scripted :class:`Reply` objects to produce the
 faults an agent must survive: error codes, slow answers, broken bodies, bad files.
