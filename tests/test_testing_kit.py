@@ -7,6 +7,7 @@ entry point; nothing in the test tree registers it again.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import socket
@@ -933,3 +934,81 @@ def test_plugin_is_registered_by_entry_point(pytestconfig: pytest.Config) -> Non
     plugin = pytestconfig.pluginmanager.get_plugin("lmp_autoreg")
     assert plugin is not None
     assert plugin.__name__ == "lmp_autoreg.testing.plugin"
+
+
+# -- faithful to the reference server: what the agent sends, what a device gets ---------
+
+
+def _override_cases() -> list[tuple[str, dict[str, Any]]]:
+    apps = {"all-apps": None, "one-app": ("app1",), "two-apps": ("app1", "app2")}
+    restorable = {"restorable-default": None, "restorable-off": "", "restorable-all": " ",
+                  "restorable-list": "app1,app2"}
+    cases = []
+    for (a, a_value), (r, r_value), reset_dir, hsm in itertools.product(
+        apps.items(), restorable.items(), (False, True), (False, True)
+    ):
+        name = "-".join([a, r, "reset-dir" if reset_dir else "no-reset-dir",
+                         "hsm" if hsm else "file-key"])
+        cases.append((name, {"apps": a_value, "restorable_apps": r_value,
+                             "reset_apps_dir": reset_dir, "hsm": hsm}))
+    return cases
+
+
+OVERRIDE_CASES = _override_cases()
+
+
+@pytest.mark.parametrize("case", [c for _, c in OVERRIDE_CASES], ids=[n for n, _ in OVERRIDE_CASES])
+def test_every_override_combination_gives_a_sota_toml_that_parses(
+    registration_server: RegistrationServer, device_root: FakeDevice, case: dict[str, Any]
+) -> None:
+    from lmp_autoreg import client
+    from lmp_autoreg.settings import Hsm, resolve
+
+    settings = resolve({"sysroot": str(device_root.root), "device_api": registration_server.url},
+                       {})._replace(
+        apps=case["apps"],
+        restorable_apps=case["restorable_apps"],
+        hsm=Hsm("/usr/lib/softhsm/libsofthsm2.so", "1234", "5678") if case["hsm"] else None,
+    )
+    uuid = str(uuidlib.uuid4())
+    body = client.request_body(settings, uuid=uuid, csr=make_csr(uuid)[1],
+                               reset_apps_dir=case["reset_apps_dir"])
+    answer = requests.post(registration_server.url, json=body,
+                           headers=client.request_headers(settings), timeout=TIMEOUT)
+    assert answer.status_code == 201, answer.text
+    toml = tomllib.loads(answer.json()["sota.toml"])
+    assert toml["provision"]["primary_ecu_hardware_id"] == "intel-corei7-64"
+    for section, values in body["overrides"].items():
+        for key, literal in values.items():
+            if literal == "":
+                assert key not in toml[section], (section, key)  # "not set": a comment
+            else:
+                assert toml[section][key] == tomllib.loads(f"v = {literal}")["v"], (section, key)
+    if case["hsm"]:
+        assert "tls_pkey_path" not in toml["import"]
+        assert (toml["tls"]["pkey_source"], toml["tls"]["cert_source"]) == ("pkcs11", "pkcs11")
+
+
+def test_openssl_verifies_the_installed_chain_against_root_crt(
+    tmp_path: Path, registration_server: RegistrationServer, device_root: FakeDevice
+) -> None:
+    from conftest import device_args, require_tool, run_cli
+
+    openssl = require_tool("openssl")
+    run = run_cli(*device_args(device_root, registration_server))
+    assert run.returncode == 0, run.stderr
+    sota = device_root.sota
+
+    def verify(cafile: Path, *untrusted: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [openssl, "verify", "-CAfile", str(cafile), *untrusted, str(sota / "client.pem")],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    good = verify(sota / "root.crt", "-untrusted", str(sota / "client.chained"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.strip() == f"{sota / 'client.pem'}: OK"
+    # Two levels: the root alone cannot vouch for the device, nor can another factory's root.
+    assert verify(sota / "root.crt").returncode != 0
+    other = ThrowawayCA().write_ca(tmp_path / "other-root.pem")
+    assert verify(other, "-untrusted", str(sota / "client.chained")).returncode != 0
