@@ -548,12 +548,11 @@ def test_default_reply_can_be_replaced(registration_server: RegistrationServer) 
 
 
 def test_delay_outlasts_a_client_timeout(registration_server: RegistrationServer) -> None:
-    registration_server.enqueue(Reply(delay=1.5))
-    started = time.monotonic()
+    registration_server.enqueue(Reply(delay=600))
     with pytest.raises(requests.exceptions.ReadTimeout):
         post(registration_server, timeout=0.3)
-    assert time.monotonic() - started < 1.2
-    assert post(registration_server).status_code == 201
+    assert post(registration_server).status_code == 201  # the held answer blocks no other
+    assert len(registration_server.posts) == 2
 
 
 def test_delay_delivers_the_normal_answer_late(registration_server: RegistrationServer) -> None:
@@ -691,52 +690,64 @@ def test_preset_truncated(registration_server: RegistrationServer) -> None:
 # -- life cycle ----------------------------------------------------------------------------
 
 
-def test_listen_delay_refuses_then_serves() -> None:
-    with RegistrationServer(listen_delay=0.5) as server:
+def test_a_server_without_listen_refuses_until_it_is_told() -> None:
+    with RegistrationServer(listen_delay=None) as server:
         with pytest.raises(requests.exceptions.ConnectionError):
-            post(server, timeout=1.0)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                answer = post(server, timeout=1.0)
-                break
-            except requests.exceptions.ConnectionError:
-                assert time.monotonic() < deadline, "server never started listening"
-                time.sleep(0.05)
-        assert answer.status_code == 201
+            post(server, timeout=TIMEOUT)
+        assert not server.listening.is_set() and server.listening_since is None
+        server.listen()
+        assert server.listening.is_set()
+        assert post(server).status_code == 201
+        server.listen()  # listening already: nothing changes
         assert len(server.requests) == 1
 
 
-def test_stop_before_listen_delay_ends_quickly() -> None:
-    server = RegistrationServer(listen_delay=30).start()
+def test_listen_delay_starts_listening_later() -> None:
+    with RegistrationServer(listen_delay=0.3) as server:
+        bound = time.monotonic()
+        assert server.listening.wait(30)
+        assert server.listening_since is not None
+        assert server.listening_since - bound >= 0.3 - 0.05  # bound just before `bound`
+        assert post(server).status_code == 201
+
+
+def test_stop_before_listen_delay_never_listens() -> None:
+    server = RegistrationServer(listen_delay=3600).start()
+    port = server.port
     started = time.monotonic()
     server.stop()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # the wait was ended, not joined to its limit
+    assert not server.listening.is_set()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_stop_wakes_a_delayed_handler() -> None:
     server = RegistrationServer().start()
-    server.enqueue(Reply(delay=30))
+    server.enqueue(Reply(delay=600))
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
-            post(server, timeout=20)
+            post(server, timeout=60)
         except requests.exceptions.RequestException as error:
             errors.append(error)
 
     thread = threading.Thread(target=client)
     thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.requests:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    started = time.monotonic()
+    server.wait_for(1)
     server.stop()
-    assert time.monotonic() - started < 2.0
-    thread.join(TIMEOUT)
+    thread.join(30)  # the client's own timeout (60 s) would be far later
+    assert not thread.is_alive()
     assert len(errors) == 1
     assert not server.ca_file.exists()
+
+
+def test_wait_for_gives_up_with_a_timeout_error(registration_server: RegistrationServer) -> None:
+    requests.head(registration_server.url, timeout=TIMEOUT)
+    assert [r.method for r in registration_server.wait_for(1, method="HEAD")] == ["HEAD"]
+    with pytest.raises(TimeoutError, match="0 POST requests, not 1"):
+        registration_server.wait_for(1, timeout=0.1)
 
 
 def test_stopped_server_refuses_connections_and_cannot_restart() -> None:

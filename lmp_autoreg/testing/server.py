@@ -378,7 +378,7 @@ class RegistrationServer:
         head_status: int = 405,
         host: str = "127.0.0.1",
         port: int = 0,
-        listen_delay: float = 0.0,
+        listen_delay: float | None = 0.0,
         path: str = "/sign",
         state_dir: str | Path | None = None,
         tls_names: Iterable[str] = (),
@@ -407,6 +407,8 @@ class RegistrationServer:
         self._serving = False
         #: ``time.monotonic()`` when the port started listening (None until then).
         self.listening_since: float | None = None
+        #: Set once the port listens: ``server.listening.wait()`` instead of polling.
+        self.listening = threading.Event()
         self._started = False
         self._httpd: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -437,7 +439,8 @@ class RegistrationServer:
     # -- life cycle -------------------------------------------------------------------
 
     def start(self) -> RegistrationServer:
-        """Bind the port; listen now, or after ``listen_delay`` seconds in a thread."""
+        """Bind the port; listen now, after ``listen_delay`` seconds in a thread, or, when
+        ``listen_delay`` is None, once :meth:`listen` is called."""
         if self._started:
             raise RuntimeError("a RegistrationServer can be started only once")
         self._started = True
@@ -452,11 +455,19 @@ class RegistrationServer:
                 httpd.socket, server_side=True, do_handshake_on_connect=False
             )
         self._httpd = httpd
-        if self.listen_delay <= 0:
+        if self.listen_delay is None:
+            pass
+        elif self.listen_delay <= 0:
             self._activate()
         else:
             self._spawn(self._activate_later, "lmp-autoreg-kit-listen")
         return self
+
+    def listen(self) -> None:
+        """Start listening now (a port bound with ``listen_delay=None`` refuses until then)."""
+        if self._httpd is None:
+            raise RuntimeError("the server is not started")
+        self._activate()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -464,6 +475,7 @@ class RegistrationServer:
         thread.start()
 
     def _activate_later(self) -> None:
+        assert self.listen_delay is not None
         if not self._stopping.wait(self.listen_delay):
             self._activate()
 
@@ -471,11 +483,12 @@ class RegistrationServer:
         httpd = self._httpd
         assert httpd is not None
         with self._lock:
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._serving:
                 return
             httpd.server_activate()
             self.listening_since = time.monotonic()
             self._serving = True
+            self.listening.set()
             self._spawn(lambda: httpd.serve_forever(poll_interval=0.05), "lmp-autoreg-kit")
 
     def stop(self) -> None:
@@ -536,6 +549,23 @@ class RegistrationServer:
     def posts(self) -> list[RecordedRequest]:
         """The ``POST`` requests among :attr:`requests`: the registration attempts."""
         return [r for r in self.requests if r.method == "POST"]
+
+    def wait_for(
+        self, count: int, *, method: str = "POST", timeout: float = 30.0
+    ) -> list[RecordedRequest]:
+        """Wait until ``count`` requests of ``method`` have arrived; return them all.
+
+        Raises TimeoutError after ``timeout`` seconds: a bound for a test that would
+        otherwise hang, never a window the test depends on.
+        """
+
+        def arrived() -> list[RecordedRequest]:
+            return [r for r in self._requests if r.method == method]
+
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(arrived()) >= count, timeout):
+                raise TimeoutError(f"{len(arrived())} {method} requests, not {count}")
+            return arrived()
 
     @property
     def registered(self) -> dict[str, str]:
