@@ -27,7 +27,7 @@ REGISTERED = ["client.chained", "client.pem", "pkey.pem", "root.crt", "sota.toml
 APPS = ["compose-apps"]
 FAST = {"Retry-After": "0.1"}
 # The server's last word to a fault "always": come back in an hour, past any deadline here.
-GIVE_UP = Reply(status=503, body="maintenance", headers={"Retry-After": "3600"})
+GIVE_UP = Reply.give_up()
 TIMEOUT = "60"  # the agent's deadline where it is not the subject: never reached
 
 

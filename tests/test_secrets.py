@@ -13,7 +13,7 @@ from conftest import device_args, run_cli
 
 TOKEN = "not-a-real-token"
 PIN, SO_PIN = "73915-user-pin", "48620-so-pin"
-GIVE_UP = Reply(status=503, body="maintenance", headers={"Retry-After": "3600"})
+GIVE_UP = Reply.give_up()
 
 
 def shown(run) -> str:

@@ -21,7 +21,7 @@ from pausing import Paused
 
 # A server that asks to be retried in an hour: the agent gives up at once (exit 5) after
 # one request, whatever its deadline, so no run here races the clock.
-FAILING = Reply(status=503, body="maintenance", headers={"Retry-After": "3600"})
+FAILING = Reply.give_up()
 
 
 def mode(path: Path) -> int:

@@ -145,6 +145,13 @@ class Reply:
         return cls(status=500, body=page, headers={"Content-Type": "text/html; charset=utf-8"})
 
     @classmethod
+    def give_up(cls) -> Reply:
+        """A 503 whose ``Retry-After`` (an hour) reaches past any deadline: the agent gives
+        up at once. It ends a fault "always" at a point the test decides, not at a
+        deadline that races the agent's start-up."""
+        return cls(status=503, body="maintenance", headers={"Retry-After": "3600"})
+
+    @classmethod
     def not_json(cls) -> Reply:
         """A 201 whose body claims to be JSON but is not."""
         return cls(
