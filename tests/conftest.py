@@ -88,10 +88,17 @@ def cli():
     return run_cli
 
 
+# The deadline of the usual runs: far above the agent's start-up on a loaded machine (a
+# good registration never meets it), low enough that a run failing until it ends is short.
+# A test whose subject is the deadline gives its own; one that must fail fast ends the
+# failure with Reply.give_up().
+TIMEOUT = "10"
+
+
 def device_args(device, server, *extra: str) -> list[str]:
-    """The usual arguments to register the fake `device` against `server`, quickly."""
+    """The usual arguments to register the fake `device` against `server`."""
     return ["--sysroot", str(device.root), "--device-api", server.url, "--fioconfig", "off",
-            "--no-start", "--timeout", "3", *extra]
+            "--no-start", "--timeout", TIMEOUT, *extra]
 
 
 def live_device_args(device, server, *extra: str) -> list[str]:
@@ -101,7 +108,7 @@ def live_device_args(device, server, *extra: str) -> list[str]:
     return ["--sota-dir", str(device.sota), "--device-api", server.url, "--factory", "acme",
             "--hwid", "intel-corei7-64", "--tag", "main", "--apps", "app1,app2",
             "--token-file", str(device.path("/etc/lmp-device-register-token")),
-            "--no-production", "--timeout", "3", *extra]
+            "--no-production", "--timeout", TIMEOUT, *extra]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 fake fioconfig/systemctl executables on PATH that record how they were run."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -246,4 +245,12 @@ def test_fioconfig_command_for_the_default_sota_dir(fake_device):
 def test_systemd_running_check(tmp_path):
     assert systemd_running({SYSTEMD_RUNTIME_DIR_ENV: str(tmp_path)})
     assert not systemd_running({SYSTEMD_RUNTIME_DIR_ENV: str(tmp_path / "x")})
-    assert systemd_running({}) == Path("/run/systemd/system").is_dir()
+
+
+def test_systemd_running_looks_at_run_systemd_system_by_default(fs):
+    assert not systemd_running({})
+    fs.create_file("/run/systemd/system")  # a file is not the directory systemd makes
+    assert not systemd_running({SYSTEMD_RUNTIME_DIR_ENV: ""})
+    fs.remove("/run/systemd/system")
+    fs.create_dir("/run/systemd/system")
+    assert systemd_running({})

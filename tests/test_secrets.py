@@ -14,6 +14,7 @@ from conftest import device_args, run_cli
 
 TOKEN = "not-a-real-token"
 PIN, SO_PIN = "73915-user-pin", "48620-so-pin"
+GIVE_UP = Reply.give_up()
 
 
 def shown(run) -> str:
@@ -44,16 +45,21 @@ def test_token_and_key_never_show_on_success(device_root, registration_server, s
 
 
 @pytest.mark.parametrize(
-    "reply",
-    [Reply.html_500(), Reply.error(401, f"invalid token {TOKEN}"), Reply.not_json(),
-     Reply.other_key()],
+    ("reply", "code"),
+    [(Reply.html_500(), 5), (Reply.error(401, f"invalid token {TOKEN}"), 4),
+     (Reply.not_json(), 5), (Reply.other_key(), 5)],
     ids=["500", "401-echoing-the-token", "not-json", "other-key"],
 )
-def test_token_and_key_never_show_on_failure(device_root, registration_server, reply):
-    registration_server.default = reply
+def test_token_and_key_never_show_on_failure(device_root, registration_server, reply, code):
+    # A refusal (4) ends the run at once; a fault worth retrying (5) is answered once,
+    # then the server asks to be retried past the deadline: the agent gives up, whatever
+    # the time its start-up took.
+    registration_server.enqueue(reply)
+    registration_server.default = reply if code == 4 else GIVE_UP
     run = run_cli(*device_args(device_root, registration_server, "-vv", "--json",
-                               "--timeout", "1"))
-    assert run.returncode in (4, 5), run.stderr
+                               "--timeout", "60"))
+    assert run.returncode == code, run.stderr
+    assert run.json["exit_code"] == code
     assert_no_secret(run)
 
 
