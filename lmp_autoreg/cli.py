@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--name", help="device name (default: the uuid; USE_HOSTNAME)")
     device.add_argument("--uuid", help="device uuid (default: random)")
     device.add_argument("--apps", metavar="A,B", help="compose apps (APPS; default: all)")
-    device.add_argument("--restorable-apps", metavar="A,B", help="apps to keep for a reset")
+    device.add_argument("--restorable-apps", metavar="A,B", help="apps to keep for a reset "
+                        "(default: all apps; \"\" turns restorable apps off)")
     device.add_argument("--device-group", metavar="GROUP", help="device group (DEVICE_GROUP)")
     device.add_argument("--token-file", metavar="PATH", help="API token file (TOKEN_FILE)")
     device.add_argument("--api-token-header", metavar="NAME", help="token header (OSF-TOKEN)")

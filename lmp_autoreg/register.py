@@ -149,9 +149,7 @@ def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
         "method": "POST",
         "url": settings.device_api,
         "headers": client.request_headers(settings, redact=True),
-        "body": client.request_body(
-            settings, uuid=uuid, csr=csr, reset_apps_dir=settings.paths.reset_apps.is_dir()
-        ),
+        "body": client.request_body(settings, uuid=uuid, csr=csr),
     }
     return result
 
@@ -195,9 +193,7 @@ def _register(
     LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
     preflight.warn(token_file=settings.token_place, production=settings.production)
     csr = identity.make_csr(key.key, uuid, settings.factory, settings.production)
-    body = client.request_body(
-        settings, uuid=uuid, csr=csr, reset_apps_dir=paths.reset_apps.is_dir()
-    )
+    body = client.request_body(settings, uuid=uuid, csr=csr)
     testhook.pause("before-request")
 
     http = client.RegistrationClient(settings)

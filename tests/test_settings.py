@@ -113,6 +113,18 @@ def test_apps_sources(fake_device):
     assert resolve({}, {}).apps is None  # no apps found: all apps
 
 
+def test_restorable_apps_sources(fake_device):
+    Path("/var/sota/reset-apps").mkdir()  # changes nothing
+    assert resolve({}, {}).restorable_apps == " "  # on, every app: the tool's -A default
+    assert resolve({"restorable_apps": "a, b"}, {}).restorable_apps == "a,b"
+    assert resolve({"restorable_apps": ""}, {"RESTORABLE_APPS": "a"}).restorable_apps == ""
+    assert resolve({}, {"RESTORABLE_APPS": ""}).restorable_apps == ""  # set but empty: off
+    assert resolve({}, {"RESTORABLE_APPS": "c"}).restorable_apps == "c"
+    assert resolve({"restorable_apps": " , "}, {}).restorable_apps == " "  # no names: on
+    write("/etc/default/lmp-device-auto-register", "RESTORABLE_APPS=\n")
+    assert resolve({}, {}).restorable_apps == ""
+
+
 def test_token_sources(fake_device):
     write("/root/cli-token", "cli-token\n")
     write("/root/env-token", "env-token\n")
