@@ -203,7 +203,9 @@ def sota_toml(body: Mapping[str, Any]) -> str:
         sections.setdefault(section, {}).update(values)
     parts = []
     for section, values in sections.items():
-        lines = [f"[{section}]", *(f"{key} = {value}" for key, value in values.items())]
+        # An empty override means "not set": a comment, so the file stays valid TOML.
+        lines = [f"[{section}]", *(f"{key} = {value}" if value else f"# {key} is not set"
+                                   for key, value in values.items())]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
@@ -296,6 +298,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self.server.kit._handle(self)
 
+    def do_HEAD(self) -> None:
+        """lmp-device-register's health check; the reference server's POST-only route
+        answers it 405."""
+        self.close_connection = True
+        self.send_response(self.server.kit.head_status)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
     def read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
@@ -351,6 +362,8 @@ class RegistrationServer:
         self.path = path
         #: Answer 409 "Device already exists" to a uuid this server already registered.
         self.reject_duplicates = False
+        #: The answer to ``HEAD`` (lmp-device-register's health check).
+        self.head_status = 405
         #: The reply used once the queue of scripted replies is empty.
         self.default = Reply()
         self.ca = ThrowawayCA()
