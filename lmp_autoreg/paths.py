@@ -80,6 +80,3 @@ class DevicePaths(NamedTuple):
     @property
     def aklite_lock(self) -> Path:
         return self.host(AKLITE_LOCK)
-
-    def in_sota(self, name: str) -> Path:
-        return self.sota / name
