@@ -212,7 +212,27 @@ def cmd_register(args: argparse.Namespace) -> int:
               + ", ".join(f"{n} ({m})" for n, m in (result.files or {}).items()))
     logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
               extra=log.fields(LMP_EXIT_CODE=0))
+    if (result.services or {}).get("poweroff") == "requested":
+        return _power_off(logs)
     return 0
+
+
+def _power_off(logs: logging.Logger) -> int:
+    """The last act: the shutdown stops this unit at once, so the result and the last log
+    line are flushed first; a refused poweroff still gets its own line, and exit 7."""
+    import logging
+
+    from . import log
+    from .poststeps import power_off
+
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if power_off():
+        return 0
+    logs.error("registered, but the poweroff was refused", extra=log.fields(LMP_EXIT_CODE=7))
+    return PostStepFailed.exit_code
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Fake executables on PATH (fioconfig, systemctl, lmp-device-register) for tests.
+"""Fake executables on PATH (fioconfig, systemctl, systemd-run, lmp-device-register).
 
 Each fake is a small Python script in a temporary bin directory. Every run appends one
 JSON line to ``calls.jsonl`` in that directory (its name, argv, environment and umask), so a test
@@ -8,6 +8,10 @@ from ``<name>.json`` next to it, so a test can change it between runs:
 - ``exit``, ``stdout``, ``stderr``, ``sleep``: the fake's behaviour;
 - ``when``: ``{last argument: behaviour}``, e.g. make ``systemctl start fioconfig`` fail
   while ``systemctl start aktualizr-lite`` works.
+
+``systemctl`` answers ``show`` as the real one does (``missing`` and ``active`` knobs) and
+fails ``start`` of a unit that does not exist; ``systemd-run`` runs its command in PID 1's
+environment plus the ``EnvironmentFile=`` it is given, and returns its exit status.
 
 ``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): it parses
 its options with the real defaults (``-A`` one space; ``--production`` off, or on with the
@@ -57,6 +61,53 @@ time.sleep(rule.get("sleep", 0))
 sys.stdout.write(rule.get("stdout", ""))
 sys.stderr.write(rule.get("stderr", ""))
 sys.exit(rule.get("exit", 0))
+"""
+
+_SYSTEMCTL = r"""
+# As the real systemctl: "show" prints the properties asked for, also of a unit that does
+# not exist (LoadState=not-found), and exits 0; "start" of such a unit fails with exit 5.
+# Knobs: "missing" (unit names that do not exist), "active" (units running already), and
+# "when" (last argument -> behaviour) for anything else; a behaviour's "copy" ({src: dst})
+# copies files when the command runs.
+args = sys.argv[1:]
+unit = args[-1] if args else ""
+loaded = unit not in CONF.get("missing", [])
+if args and args[0] == "show":
+    props = {"LoadState": "loaded" if loaded else "not-found",
+             "ActiveState": "active" if unit in CONF.get("active", []) else "inactive"}
+    for arg in args[1:-1]:
+        name = arg.partition("=")[2]
+        if name in props:
+            print("%s=%s" % (name, props[name]))
+    sys.exit(0)
+if args and args[0] == "start" and not loaded:
+    sys.stderr.write("Failed to start %s.service: Unit %s.service not found.\n" % (unit, unit))
+    sys.exit(5)
+rule = CONF.get("when", {}).get(unit, CONF)
+for src, dst in rule.get("copy", {}).items():  # what a file held when this ran
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        out.write(f.read())
+time.sleep(rule.get("sleep", 0))
+sys.stdout.write(rule.get("stdout", ""))
+sys.stderr.write(rule.get("stderr", ""))
+sys.exit(rule.get("exit", 0))
+"""
+
+_SYSTEMD_RUN = r"""
+# As the real systemd-run --wait --pipe: the command runs in PID 1's environment (here:
+# PATH only) plus the EnvironmentFile= property's file, and its exit status is returned.
+import subprocess
+args, env = sys.argv[1:], {"PATH": os.environ.get("PATH", os.defpath)}
+while args and args[0].startswith("-"):
+    arg = args.pop(0)
+    if arg.startswith("--property=EnvironmentFile="):
+        path = arg.partition("EnvironmentFile=")[2].lstrip("-")
+        if os.path.exists(path):
+            for line in open(path):
+                key, eq, value = line.strip().partition("=")
+                if eq and not key.startswith("#"):
+                    env[key] = value.strip('"')
+sys.exit(subprocess.run(args, env=env, stdin=subprocess.DEVNULL).returncode)
 """
 
 _LMP_DEVICE_REGISTER = r"""
@@ -218,7 +269,8 @@ class FakeBin:
 
     def add(self, name: str, **behaviour: Any) -> Path:
         """Create the fake ``name`` (lmp-device-register gets the imitation of the tool)."""
-        body = _LMP_DEVICE_REGISTER if name == "lmp-device-register" else _SIMPLE
+        body = {"lmp-device-register": _LMP_DEVICE_REGISTER, "systemctl": _SYSTEMCTL,
+                "systemd-run": _SYSTEMD_RUN}.get(name, _SIMPLE)
         path = self.dir / name
         path.write_text(f"#!{sys.executable}\n{_RECORD}{body}")
         path.chmod(0o755)

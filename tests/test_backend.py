@@ -165,6 +165,7 @@ def fakes(tmp_path) -> FakeBin:
     bin_.add("lmp-device-register")
     bin_.add("fioconfig")
     bin_.add("systemctl")
+    bin_.add("systemd-run")
     return bin_
 
 
@@ -211,9 +212,9 @@ def test_registers_through_the_tool(live_root, device_root, registration_server,
     [request] = posts(registration_server)
     assert request.json["uuid"] == uuid and request.headers["OSF-TOKEN"] == TOKEN
     # The same post-steps as the native backend, after the tool.
-    assert [c.name for c in fakes.calls()] == ["lmp-device-register", "fioconfig", "systemctl",
-                                               "systemctl"]
-    assert out["fioconfig"] == "ok" and out["services"]["aktualizr-lite"] == "started"
+    assert [c.name for c in fakes.calls()] == ["lmp-device-register", "systemd-run",
+                                               "fioconfig", *["systemctl"] * 4]
+    assert out["fioconfig"] == "ok" and out["services"]["aktualizr-lite"] == "queued"
     # The token is on the tool's argv (it takes it nowhere else) but never in what we print.
     shown = (f"running {fakes.dir}/lmp-device-register --start-daemon 0 --production 0 "
              f"-T <redacted> -n {uuid}")
