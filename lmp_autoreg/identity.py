@@ -1,11 +1,14 @@
 """The device's identity: its EC P-256 key, its CSR, and checks of the certificate it gets.
 
+The key in a file, ``FileKey`` (of the kind ``FILE_KEYS``), is one ``devicekey.DeviceKey``;
+``make_csr`` takes any.
+
 Importing this module imports ``cryptography``: callers that may not need it (the
 already-registered guard, ``--help``) import it lazily.
 """
 
 import base64
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -16,6 +19,9 @@ try:  # the enum where x509 has already loaded it, without the serialization pac
     from cryptography.hazmat.primitives._serialization import Encoding
 except ImportError:  # pragma: no cover - a cryptography release that moved it
     from cryptography.hazmat.primitives.serialization import Encoding
+
+if TYPE_CHECKING:
+    from .devicekey import DeviceKey
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -67,27 +73,63 @@ def key_from_pem(pem: bytes) -> PrivateKey:
     return key
 
 
-class DeviceKey(NamedTuple):
-    """The device key, both as an object (to sign and compare) and as PEM (to store)."""
+class FileKey:
+    """A device key kept in a file, ``pkey.pem`` in the sota dir: both the key object (to
+    sign and compare) and its PEM (to store). A ``devicekey.DeviceKey``."""
 
-    key: PrivateKey
-    pem: bytes
+    __slots__ = ("key", "pem")
+
+    def __init__(self, key: PrivateKey, pem: bytes) -> None:
+        self.key = key
+        self.pem = pem
 
     @classmethod
-    def generate(cls) -> "DeviceKey":
+    def generate(cls) -> "FileKey":
         key = new_key()
         return cls(key, key_to_pem(key))
 
     @classmethod
-    def from_pem(cls, pem: bytes) -> "DeviceKey":
+    def from_pem(cls, pem: bytes) -> "FileKey":
         return cls(key_from_pem(pem), pem)
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self.key.public_key()
+
+    def sign_csr(
+        self, builder: x509.CertificateSigningRequestBuilder
+    ) -> x509.CertificateSigningRequest:
+        return builder.sign(self.key, hashes.SHA256())
+
+    def record(self) -> str:
+        return self.pem.decode("ascii")
+
+    def certifies(self, cert: x509.Certificate) -> bool:
+        return same_public_key(cert, self.key)
+
+    def files(self) -> dict[str, bytes]:
+        return {"pkey.pem": self.pem}
+
     def __repr__(self) -> str:
-        return "DeviceKey(<private>)"
+        return "FileKey(<private>)"
 
 
-def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
-    """A CSR as the device gateway expects it (SPEC section 2), PEM text."""
+class FileKeys:
+    """The kind of ``FileKey`` (a ``devicekey.KeyKind``): its record is the PEM text."""
+
+    def generate(self) -> FileKey:
+        return FileKey.generate()
+
+    def load(self, record: object) -> FileKey:
+        if not isinstance(record, str):
+            raise ValueError("it is not a key in a file")
+        return FileKey.from_pem(record.encode("ascii"))  # UnicodeError is a ValueError
+
+
+FILE_KEYS = FileKeys()
+
+
+def make_csr(key: "DeviceKey", uuid: str, factory: str, production: bool) -> str:
+    """A CSR as the device gateway expects it (SPEC section 2), signed by ``key``; PEM text."""
     subject = [
         x509.NameAttribute(NameOID.COMMON_NAME, uuid),
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, factory),
@@ -105,13 +147,13 @@ def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
         encipher_only=False,
         decipher_only=False,
     )
-    csr = (
+    builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name(subject))
         .add_extension(usage, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
-        .sign(key, hashes.SHA256())
     )
+    csr = key.sign_csr(builder)
     return csr.public_bytes(Encoding.PEM).decode()
 
 

@@ -12,13 +12,13 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import testhook
+from . import testhook  # TEST-ONLY pauses; each returns at once on a device
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
 from .util import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
-    from .identity import DeviceKey
+    from .devicekey import DeviceKey
 
 LOG = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ def verify_answer(
 ) -> list[PlannedFile]:
     """Check a 201 answer against the device's identity; return the install plan.
 
-    ``key`` is the device key (None in HSM mode: the key stays in the module and no
-    ``pkey.pem`` is written). The plan ends with ``sota.toml``.
+    ``key`` is the device key, which the certificate must be for (None: not known here).
+    The plan starts with the key's own files (``pkey.pem`` of a key in a file; none of a
+    key on a token) and ends with ``sota.toml``.
     """
     from . import identity  # cryptography is needed only once there is an answer
 
@@ -66,7 +67,7 @@ def verify_answer(
         raise BadAnswer(
             f"client.pem is for {identity.common_name(cert)!r}, not this device ({uuid})"
         )
-    if key is not None and not identity.same_public_key(cert, key.key):
+    if key is not None and not key.certifies(cert):
         raise BadAnswer("client.pem certifies another key than this device's")
     try:
         identity.load_certificate(files["root.crt"])
@@ -83,8 +84,8 @@ def verify_answer(
         raise BadAnswer(f"sota.toml is not valid TOML: {e}") from e
 
     plan = []
-    if key is not None:
-        plan.append(PlannedFile("pkey.pem", key.pem, KEY_MODE))
+    for name, data in (key.files() if key is not None else {}).items():
+        plan.append(PlannedFile(name, data, KEY_MODE))
     for name in sorted(files):
         if name != "sota.toml":
             plan.append(PlannedFile(name, files[name].encode(), FILE_MODE))

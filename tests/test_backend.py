@@ -19,6 +19,7 @@ from lmp_autoreg.errors import (
     Unreachable,
 )
 from lmp_autoreg.settings import resolve
+from lmp_autoreg.testhook import SYSTEMD_RUNTIME_DIR_ENV
 from lmp_autoreg.testing.server import Reply
 
 from conftest import live_device_args, run_cli
@@ -173,7 +174,7 @@ def fakes(tmp_path) -> FakeBin:
 def env(fakes, tmp_path) -> dict[str, str]:
     runtime = tmp_path / "run-systemd-system"
     runtime.mkdir()
-    return fakes.environ(LMP_AUTOREG_SYSTEMD_RUNTIME_DIR=str(runtime))
+    return fakes.environ(**{SYSTEMD_RUNTIME_DIR_ENV: str(runtime)})
 
 
 def ldr_args(device, server, *extra) -> list[str]:
@@ -319,7 +320,8 @@ def test_what_the_tool_wrote_is_undone_on_failure(live_root, device_root, regist
     fakes.set("lmp-device-register", mode=mode)
     run = run_cli(*ldr_args(device_root, registration_server, "--timeout", "6"), env=env)
     assert run.returncode == code, run.stderr
-    assert message in run.json["error"]["message"]
+    # In the log: a last attempt cut short by the deadline reports only that in the JSON.
+    assert message in run.stderr
     # The tool did register, then failed; retries (exit 5) keep the same uuid.
     assert len(posts(registration_server)) >= 1
     assert len({r.json["uuid"] for r in posts(registration_server)}) == 1
