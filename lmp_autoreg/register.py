@@ -165,7 +165,7 @@ def _register_with_tool(attempt: Attempt, deadline: Deadline, *, force: bool) ->
     settings = attempt.settings
     attempt.take_identity(key=False)
     preflight.warn(token_file=settings.token_place, production=settings.production)
-    if force:  # the tool refuses to overwrite a registration: the old one goes first
-        attempt.remove_previous()
+    if force:  # the tool refuses to overwrite a registration: the old one waits aside
+        attempt.set_aside()
     backend_ldr.register(settings, attempt.result, deadline=deadline)
     attempt.finish()

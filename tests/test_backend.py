@@ -302,7 +302,7 @@ def test_real_refusal_and_unreachable_server(live_root, device_root, registratio
     registration_server.stop()
     run = run_cli(*ldr_args(device_root, registration_server, "--timeout", "3"), env=env)
     assert run.returncode == 5
-    assert "Unable to reach the device registration endpoint" in run.json["error"]["message"]
+    assert "Unable to reach the device registration endpoint" in run.stderr
 
 
 @pytest.mark.parametrize(
@@ -457,3 +457,60 @@ def test_backend_checks_what_the_tool_installed(live_root, device_root, registra
     assert posts(registration_server)  # the tool did register: its files are refused
     assert not (device_root.sota / "sota.toml").exists()
     assert not (device_root.sota / "client.pem").exists()
+
+
+
+# -- what is set aside: an old registration (--force), a half registration -------------
+
+
+def sota_files(device) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mode & 0o7777)
+            for p in device.sota.iterdir() if p.is_file()}
+
+
+def test_failed_force_keeps_the_old_registration(live_root, device_root, registration_server,
+                                                 fakes, env):
+    run = run_cli(*ldr_args(device_root, registration_server), env=env)
+    assert run.returncode == 0, run.stderr
+    (device_root.sota / "sql.db").write_bytes(b"aktualizr-lite's database")
+    before = sota_files(device_root)
+    registration_server.stop()  # the tool cannot register: the old registration must stay
+    run = run_cli(*ldr_args(device_root, registration_server, "--force", "--timeout", "3"),
+                  env=env)
+    assert run.returncode == 5, run.stderr
+    assert sota_files(device_root) == before  # put back unchanged, modes included
+    assert not (device_root.sota / ".lmp-autoreg" / "aside").exists()
+    assert "put back what was set aside" in run.stderr
+
+
+def test_forced_registration_through_the_tool_replaces_the_old(live_root, device_root,
+                                                                 registration_server, fakes,
+                                                                 env):
+    assert run_cli(*ldr_args(device_root, registration_server), env=env).returncode == 0
+    old = (device_root.sota / "client.pem").read_bytes()
+    run = run_cli(*ldr_args(device_root, registration_server, "--force"), env=env)
+    assert run.returncode == 0, run.stderr
+    assert (device_root.sota / "client.pem").read_bytes() != old
+    assert not (device_root.sota / ".lmp-autoreg" / "aside").exists()
+
+
+@pytest.mark.parametrize("backend", ["native", "lmp-device-register"])
+def test_half_registration_is_set_aside_and_restored(live_root, device_root,
+                                                     registration_server, fakes, env, backend):
+    (device_root.sota / "client.pem").write_text(registration_server.ca.cert_pem)
+    (device_root.sota / "pkey.pem").write_text("a key of an older attempt\n")
+    (device_root.sota / "pkey.pem").chmod(0o600)
+    before = sota_files(device_root)
+    args = ldr_args(device_root, registration_server, "--backend", backend, "--no-start",
+                    "--fioconfig", "off")
+    # Not a registration: neither backend calls it one.
+    registration_server.enqueue(Reply.error(400, "Invalid factory(other) must be acme"))
+    run = run_cli(*args, env=env)
+    assert run.returncode == 4, run.stderr
+    assert sota_files(device_root) == before  # the failed attempt put it back unchanged
+    assert "half registration" in run.stderr
+    run = run_cli(*args, env=env)
+    assert run.returncode == 0, run.stderr
+    assert (device_root.sota / "client.pem").read_bytes() != before["client.pem"][0]
+    assert f"CN={run.json['uuid']}" in run.json["certificate"]["subject"]
+    assert not (device_root.sota / ".lmp-autoreg" / "aside").exists()

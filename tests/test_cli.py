@@ -100,6 +100,20 @@ def test_a_failed_force_keeps_the_old_registration(device_root, registration_ser
     assert run_cli("status", "--sysroot", str(device_root.root)).returncode == 0
 
 
+def test_files_a_killed_run_set_aside_are_put_back_first(device_root, registration_server,
+                                                          sota):
+    assert run_cli(*device_args(device_root, registration_server)).returncode == 0
+    before = {p.name: p.read_bytes() for p in sota.iterdir() if p.is_file()}
+    aside = sota / ".lmp-autoreg" / "aside"  # where a run killed after setting them aside
+    aside.mkdir()
+    for name in before:
+        (sota / name).rename(aside / name)
+    run = run_cli(*device_args(device_root, registration_server, "--json"))
+    assert run.returncode == 3, run.stderr  # put back, so registered: nothing to do
+    assert {p.name: p.read_bytes() for p in sota.iterdir() if p.is_file()} == before
+    assert not aside.exists() and len(registration_server.requests) == 1
+
+
 def test_an_image_whose_sota_dir_is_an_absolute_link(tmp_path, registration_server):
     device = FakeDevice(tmp_path / "image", sota_dir="/data/sota").build()
     (device.root / "var").mkdir()
