@@ -430,7 +430,8 @@ def test_unhealthy_endpoint_is_retried_then_no_answer(live_root, device_root,
     registration_server.head_status = 503  # the tool's HEAD check before the POST
     run = run_cli(*ldr_args(device_root, registration_server, "--timeout", "6"), env=env)
     assert run.returncode == 5, run.stderr
-    assert "The device registration endpoint is not healthy" in run.json["error"]["message"]
+    # In the log (a last attempt cut short by the deadline reports only that in the JSON).
+    assert "The device registration endpoint is not healthy" in run.stderr
     assert posts(registration_server) == []
     registration_server.head_status = 405  # the reference server's answer: healthy
     run = run_cli(*ldr_args(device_root, registration_server), env=env)

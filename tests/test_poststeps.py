@@ -131,10 +131,10 @@ def test_auto_failing_checkin_is_a_warning(live_root, device_root, registration_
 
 def test_checkin_timeout_is_bounded(live_root, device_root, registration_server, fakes, systemd):
     fakes.set("fioconfig", sleep=30)
-    run = register(device_root, registration_server, fakes, systemd, "--timeout", "1",
+    run = register(device_root, registration_server, fakes, systemd, "--timeout", "4",
                    "--no-start")
     assert run.returncode == 0, run.stderr
-    assert run.json["fioconfig"] == "failed: timed out after 1 s"
+    assert run.json["fioconfig"] == "failed: timed out after 4 s"
 
 
 def test_on_failing_checkin_exits_7_and_starts_nothing(live_root, device_root,
