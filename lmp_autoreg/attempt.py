@@ -17,6 +17,14 @@ state directory (``state``), the identity and the ``Result`` it fills in:
    ``finish()`` alone ends an attempt whose files another program installed.
 5. ``abandon(why)`` starts afresh: the unfinished install and the pending identity go.
 
+Files set aside. A *half registration* (``client.pem`` or ``pkey.pem`` without
+``sota.toml`` and without ``sql.db``: SPEC section 1) is moved into the state dir
+(``aside/``) on entry, whichever the backend; so is an old registration that
+lmp-device-register must not find (``set_aside()``, for ``--force``). When the attempt
+fails they are moved back, unchanged; when it succeeds they are dropped. A run killed in
+between leaves them there, and the next run moves them back first (unless an install of
+its own is journaled: that completes, and then drops them).
+
 Keys. ``keys`` is a ``devicekey.KeyKind``: it makes the identity's key and reads it back
 from the record the state keeps; the attempt uses the key only through
 ``devicekey.DeviceKey`` (``public_key()``, ``sign_csr(builder)``, ``record()``,
@@ -25,6 +33,8 @@ one kind so far; a key on a PKCS#11 token is another such pair of classes.
 """
 
 import logging
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -32,14 +42,22 @@ from typing import TYPE_CHECKING
 from . import guard, log
 from .errors import BadAnswer, LocalFailure
 from .install import PlannedFile, remove_registration
+from .paths import REGISTRATION_FILES
 from .settings import Settings
 from .state import Identity, State, check_aklite
+from .util import fsync_dir
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .devicekey import DeviceKey, KeyKind, KeyRecord
     from .result import Result
 
 LOG = logging.getLogger(__name__)
+
+ASIDE = "aside"  # in the state dir: files of the sota dir set aside during an attempt
+# A half registration has one of these, but neither sota.toml nor sql.db.
+HALF_SIGNS = ("client.pem", "pkey.pem")
 
 
 def note_uuid(result: "Result", settings: Settings, uuid: str) -> None:
@@ -69,18 +87,84 @@ class Attempt:
     ) -> Iterator["Attempt"]:
         with State(settings.paths).locked() as state:
             attempt = cls(settings, state, result, keys)
-            attempt._begin(force=force)
-            yield attempt
+            try:
+                attempt._begin(force=force)
+                yield attempt
+            except BaseException:
+                attempt._put_back()
+                raise
+            attempt._drop_aside()
 
     def _begin(self, *, force: bool) -> None:
         check_aklite(self.paths)
+        if not self.state.load_journal():
+            self._put_back()  # what a killed run set aside
         if force:
             # The previous registration stays until a new answer is verified (``install``).
             self.abandon("--force")
         else:
             # Again, under the lock: another run may just have ended.
             guard.check_not_registered(self.paths.sota, str(self.paths.sota_device))
+            sota = self.paths.sota
+            if (any((sota / name).exists() for name in HALF_SIGNS)
+                    and not (sota / "sota.toml").exists() and not (sota / "sql.db").exists()
+                    and self.state.load_journal() is None):
+                LOG.warning("%s holds a half registration (no sota.toml): setting it aside "
+                            "until this attempt succeeds", sota)
+                self.set_aside()
         self.state.sweep()
+
+    @property
+    def _aside_dir(self) -> "Path":
+        return self.state.dir / ASIDE
+
+    def set_aside(self) -> None:
+        """Move the registration files of the sota dir into the state dir, to be put back
+        unchanged if this attempt fails."""
+        sota, aside = self.paths.sota, self._aside_dir
+        try:
+            aside.mkdir(mode=0o700, exist_ok=True)
+            moved = []
+            for name in REGISTRATION_FILES:
+                if (sota / name).exists() and not (aside / name).exists():
+                    os.replace(sota / name, aside / name)
+                    moved.append(name)
+            fsync_dir(aside)
+            fsync_dir(sota)
+        except OSError as e:
+            raise LocalFailure(f"cannot set {sota}'s files aside in {aside}: "
+                               f"{e.strerror or e}") from e
+        if moved:
+            LOG.info("set aside until this attempt succeeds: %s", ", ".join(moved))
+
+    def _put_back(self) -> None:
+        """Move what was set aside back into the sota dir, over anything of the same name;
+        best effort, logged."""
+        sota, aside = self.paths.sota, self._aside_dir
+        try:
+            names = sorted(os.listdir(aside))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            LOG.error("cannot read %s: %s", aside, e.strerror or e)
+            return
+        for name in names:
+            try:
+                os.replace(aside / name, sota / name)
+            except OSError as e:
+                LOG.error("could not put %s back into %s: %s", name, sota, e.strerror or e)
+        try:
+            fsync_dir(sota)
+            aside.rmdir()
+        except OSError as e:
+            LOG.error("could not finish putting back %s: %s", aside, e.strerror or e)
+        if names:
+            LOG.warning("put back what was set aside: %s", ", ".join(names))
+
+    def _drop_aside(self) -> None:
+        """The attempt succeeded: what was set aside is no longer needed."""
+        if self._aside_dir.exists():
+            shutil.rmtree(self._aside_dir, ignore_errors=True)
 
     def _note_uuid(self, uuid: str) -> None:
         self.uuid = uuid

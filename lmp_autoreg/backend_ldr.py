@@ -6,19 +6,24 @@ chosen the uuid. Here it:
 
 - finds the tool: ``--lmp-device-register``/``LMP_DEVICE_REGISTER``, else ``PATH``, else
   ``/usr/bin/lmp-device-register`` (``ConfigError`` naming each place otherwise);
-- runs it once (``attempt``) as ``lmp-device-register --start-daemon 0 -T <token or na>
-  -n <name> -u <uuid> -t <tag> -f <factory> -i <hwid> -d <sota> [-a <apps>] [-g <group>]
-  [-A <restorable apps>] [-H <token header>] [--hsm-module M --hsm-pin P --hsm-so-pin S]``
-  with ``DEVICE_API`` and (only in production mode) ``PRODUCTION`` in its environment.
+- runs it once (``attempt``) as ``lmp-device-register --start-daemon 0 --production <1|0>
+  -T <token or na> -n <name> -u <uuid> -t <tag> -f <factory> -i <hwid> -d <sota>
+  [-a <apps>] [-g <group>] -A <restorable apps> [-H <token header>] [--hsm-module M
+  --hsm-pin P --hsm-so-pin S]`` with ``DEVICE_API`` and (only in production mode)
+  ``PRODUCTION`` in its environment: a tool built with ``-DPRODUCTION`` defaults to
+  production, so ``--production 0`` and no ``PRODUCTION`` are both needed for a
+  development device. ``-A`` carries the same restorable apps the native request does.
   The tool takes the token and the PINs on its command line and nowhere else, so they
   are there; they are never logged: the command is shown with them redacted, and they
   are cut out of whatever the tool prints before it is shown;
-- classifies a failure by the tool's stderr (it exits 255, older versions 1, for every
-  failure): unreachable endpoint, ``HTTP_5xx``/``HTTP_429``, a failed post -> ``NoAnswer``
-  (exit 5, retryable); ``HTTP_4xx`` -> ``ServerRefused`` (4); already registered ->
-  ``AlreadyRegistered`` (3); sota dir not writable, update client running, and anything
-  else it says -> ``LocalFailure`` (6): an unknown failure is most likely local (HSM,
-  options, permissions), and retrying it blindly would not help;
+- classifies a failure by the tool's stderr (it exits 255 for every failure), as SPEC
+  section 5's table: unreachable or unhealthy endpoint, ``HTTP_5xx``/``HTTP_429``,
+  ``HTTP_-1`` -> ``NoAnswer`` (exit 5, retryable); ``HTTP_4xx`` -> ``ServerRefused`` (4),
+  with the server's own words only; already registered -> ``AlreadyRegistered`` (3); a
+  missing factory or tag, an invalid uuid, an HSM incorrectly configured ->
+  ``ConfigError`` (2); sota dir not writable, update client running, and anything else
+  it says -> ``LocalFailure`` (6): an unknown failure is most likely local (HSM, options,
+  permissions), and retrying it blindly would not help;
 - checks what it installed: ``sota.toml`` present and valid TOML, ``client.pem`` a
   certificate for this uuid, and, without an HSM, for the key in ``pkey.pem`` (with one,
   ``sota.toml`` must carry the ``[p11]`` section the tool appends); a failed check is a
@@ -66,17 +71,22 @@ REDACTED = "<redacted>"
 NO_TOKEN = "na"  # what the shell script passes in production mode; "" would start OAuth
 # Options whose value is a secret.
 SECRET_OPTIONS = ("-T", "--hsm-pin", "--hsm-so-pin")
-# How much of the tool's stderr goes into an error message.
+# How much of the tool's stderr goes into an error message, and of the server's words.
 MESSAGE_LINES = 5
+MESSAGE_LIMIT = 500
 
-_HTTP_RE = re.compile(r"Unable to create device: HTTP_(\d+)")
-_UNREACHABLE = "Unable to reach the device registration endpoint"
+_HTTP_RE = re.compile(r"Unable to create device: HTTP_(-?\d+)")
+_RAW = "Raw response was: "
+# What the tool prints, by exit code (SPEC section 5); the first that matches wins.
 _NO_ANSWER = (
+    "Unable to reach the device registration endpoint",
     "The device registration endpoint is not healthy",
     "Unable to post to",
 )
-_ALREADY_RE = re.compile(r"Device (?:is )?already registered|appears to already be registered",
-                         re.IGNORECASE)
+_ALREADY = "Device already registered"
+_LOCAL = ("aktualizr-lite already running", "is aktualizr-lite running", "Unable to write to")
+_CONFIG = ("Missing factory definition", "Missing tag definition", "Invalid UUID",
+           "HSM incorrectly configured")
 
 
 def find_binary(settings: Settings, environ: Mapping[str, str]) -> str:
@@ -105,6 +115,8 @@ def command(settings: Settings, binary: str, uuid: str) -> list[str]:
     argv = [
         binary,
         "--start-daemon", "0",
+        # Always: a tool built with -DPRODUCTION defaults to production.
+        "--production", "1" if settings.production else "0",
         "-T", settings.token if settings.token is not None else NO_TOKEN,
         "-n", settings.name or uuid,
         "-u", uuid,
@@ -117,8 +129,7 @@ def command(settings: Settings, binary: str, uuid: str) -> list[str]:
         argv += ["-a", ",".join(settings.apps)]
     if settings.device_group:
         argv += ["-g", settings.device_group]
-    if settings.restorable_apps is not None:
-        argv += ["-A", settings.restorable_apps]
+    argv += ["-A", settings.restorable_apps]  # always: the tool's own default is the same
     if settings.token_header != DEFAULT_TOKEN_HEADER:
         argv += ["-H", settings.token_header]
     if settings.hsm is not None:
@@ -159,26 +170,58 @@ def scrub(text: str, secrets: list[str]) -> str:
     return text
 
 
+def server_words(stderr: str) -> str:
+    """What the server itself said in a failed answer, from the tool's stderr: the raw body
+    of an answer that was not JSON, else the fields of a JSON one, without the tool's own
+    parse messages."""
+    lines = stderr.splitlines()
+    said: list[str] = []
+    for i, line in enumerate(lines):
+        if line.startswith(_RAW):
+            said = [line[len(_RAW):]]
+            for more in lines[i + 1:]:
+                if _HTTP_RE.search(more):
+                    break
+                said.append(more)
+            break
+    else:
+        for i, line in enumerate(lines):
+            if _HTTP_RE.search(line):
+                said = lines[i + 1:]
+                break
+    text = " / ".join(part.strip() for part in said if part.strip())
+    return text[:MESSAGE_LIMIT] or "no message"
+
+
 def classify(returncode: int, stderr: str) -> AutoregError:
-    """The agent's error for a failed run of the tool, from what it printed on stderr."""
+    """The agent's error for a failed run of the tool, from what it printed on stderr
+    (the table of SPEC section 5)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     said = " / ".join(lines[-MESSAGE_LINES:]) or "nothing on stderr"
     message = f"{TOOL} failed (exit status {returncode}): {said}"
     http = _HTTP_RE.search(stderr)
-    if http:
+    if http and int(http.group(1)) > 0:
         status = int(http.group(1))
+        words = server_words(stderr)
         if 400 <= status < 500 and status != 429:
-            return ServerRefused(message, status)
-        if status == 429 or status >= 500 or status == 0:
+            return ServerRefused(f"{TOOL}: server refused the registration (HTTP {status}): "
+                                 f"{words}", status)
+        if status == 429 or status >= 500:
+            return NoAnswer(f"{TOOL}: server busy or failing (HTTP {status}): {words}")
+        return BadAnswer(f"{TOOL}: unexpected answer HTTP {status} (expected 201): {words}")
+    for text in _NO_ANSWER:
+        if text in stderr:
+            if text == _NO_ANSWER[0]:
+                return Unreachable(message)  # the network may be coming up: the fast retry
             return NoAnswer(message)
-        return BadAnswer(message)
-    if _UNREACHABLE in stderr:
-        return Unreachable(message)  # the network may be coming up: the fast retry
-    if any(text in stderr for text in _NO_ANSWER):
+    if http:  # HTTP_-1 or HTTP_0: no answer, without the tool saying why
         return NoAnswer(message)
-    if _ALREADY_RE.search(stderr):
+    if _ALREADY in stderr:
         return AlreadyRegistered(message)
-    # "Unable to write to <sota>", "... daemon appears to be running", HSM and usage errors.
+    if any(text in stderr for text in _CONFIG):
+        return ConfigError(message)
+    # "Unable to write to <sota>", aktualizr-lite running, and what the tool does not
+    # explain (HSM, PKCS#11 and file errors): most likely local, and not worth retrying.
     return LocalFailure(message)
 
 

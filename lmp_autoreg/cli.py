@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from . import BACKENDS, FIOCONFIG_MODES, PROG, __version__, guard, output
-from .errors import AlreadyRegistered, AutoregError, ConfigError
+from .errors import AlreadyRegistered, AutoregError, ConfigError, PostStepFailed
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (about 4 ms)
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--name", help="device name (default: the uuid; USE_HOSTNAME)")
     device.add_argument("--uuid", help="device uuid (default: random)")
     device.add_argument("--apps", metavar="A,B", help="compose apps (APPS; default: all)")
-    device.add_argument("--restorable-apps", metavar="A,B", help="apps to keep for a reset")
+    device.add_argument("--restorable-apps", metavar="A,B", help="apps to keep for a reset "
+                        "(default: all apps; \"\" turns restorable apps off)")
     device.add_argument("--device-group", metavar="GROUP", help="device group (DEVICE_GROUP)")
     device.add_argument("--token-file", metavar="PATH", help="API token file (TOKEN_FILE)")
     device.add_argument("--api-token-header", metavar="NAME", help="token header (OSF-TOKEN)")
@@ -192,7 +193,27 @@ def cmd_register(args: argparse.Namespace) -> int:
     output.show_register(result, settings.paths.sota, as_json=args.json)
     logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
               extra=log.fields(LMP_EXIT_CODE=0))
+    if (result.services or {}).get("poweroff") == "requested":
+        return _power_off(logs)
     return 0
+
+
+def _power_off(logs: logging.Logger) -> int:
+    """The last act: the shutdown stops this unit at once, so the result and the last log
+    line are flushed first; a refused poweroff still gets its own line, and exit 7."""
+    import logging
+
+    from . import log
+    from .poststeps import power_off
+
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if power_off():
+        return 0
+    logs.error("registered, but the poweroff was refused", extra=log.fields(LMP_EXIT_CODE=7))
+    return PostStepFailed.exit_code
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -30,9 +30,7 @@ def toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def request_body(
-    settings: Settings, *, uuid: str, csr: str, reset_apps_dir: bool
-) -> dict[str, Any]:
+def request_body(settings: Settings, *, uuid: str, csr: str) -> dict[str, Any]:
     """The JSON body lmp-device-register would send for this device, every value a string."""
     sota = str(settings.paths.sota_device)
     pacman = {
@@ -42,10 +40,8 @@ def request_body(
     if settings.apps is not None:
         pacman["compose_apps"] = toml_string(",".join(settings.apps))
     pacman["reset_apps_root"] = toml_string(f"{sota}/reset-apps")
-    if settings.restorable_apps is not None:
+    if settings.restorable_apps:  # "" is off: aktualizr-lite reads the key's presence
         pacman["reset_apps"] = toml_string(settings.restorable_apps)
-    elif reset_apps_dir:
-        pacman["reset_apps"] = toml_string("")
     pacman["tags"] = toml_string(settings.tag)
     overrides: dict[str, dict[str, str]] = {"pacman": pacman}
     if settings.hsm is not None:

@@ -111,33 +111,111 @@ def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
     return sysroot, DEFAULT_SOTA_DIR
 
 
-def is_registered(sota: StrPath) -> bool:
-    """docs/spec.md section 1: sql.db, or sota.toml with client.pem or an HSM ([p11]) configuration.
+def _toml_string(value: str) -> str | None:
+    """The string a TOML value starts with (basic or literal), or None when it is not one."""
+    if value.startswith("'"):
+        end = value.find("'", 1)
+        return value[1:end] if end > 0 else None
+    if not value.startswith('"'):
+        return None
+    end = value.find('"', 1)
+    if end < 0:
+        return None
+    if "\\" not in value[:end]:
+        return value[1:end]
+    import tomllib  # an escape sequence: rare enough to pay for the real parser
+
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return None
+    return parsed if isinstance(parsed, str) else None
+
+
+def sota_toml_facts(text: str) -> tuple[str | None, bool]:
+    """What the guard needs of a ``sota.toml``: ``import.tls_clientcert_path`` (None when
+    not set) and whether it has a ``[p11]`` section (an HSM, whatever its key and
+    certificate ids: ``01``/``03`` as registered, ``07``/``09`` after fioconfig rotated
+    them). A line scanner for the layout the server and the tools write, not a TOML parser:
+    ``tomllib`` costs milliseconds on every boot (docs/performance.md)."""
+    section, cert, p11 = "", None, False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line[1:line.find("]")].strip() if "]" in line else ""
+            p11 = p11 or section == "p11"
+            continue
+        key, eq, value = line.partition("=")
+        if eq and section == "import" and key.strip() == "tls_clientcert_path":
+            cert = _toml_string(value.strip()) or None
+    return cert, p11
+
+
+def _device_to_host(sota: str, device_sota: str | None, path: str) -> str:
+    """Where a path ``sota.toml`` names is on this machine: relative paths are in the sota
+    dir (aktualizr's import base), absolute ones are device paths."""
+    if not path.startswith("/"):
+        return os.path.join(sota, path)
+    if device_sota is None or device_sota == sota:
+        return path
+    if path.startswith(device_sota.rstrip("/") + "/"):
+        return os.path.join(sota, path[len(device_sota.rstrip("/")) + 1:])
+    if sota.endswith(device_sota):  # elsewhere in a mounted image: under its sysroot
+        return host_path(sota[: -len(device_sota)] or "/", path)
+    return path
+
+
+def _sota_toml(sota: StrPath) -> str | None:
+    try:
+        with open(os.path.join(sota, "sota.toml"), "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
+def client_cert(sota: StrPath, device_sota: str | None = None) -> str:
+    """The client certificate of the registration in ``sota`` (a path on this machine):
+    the one ``sota.toml`` names (``import.tls_clientcert_path``: fioconfig's rotation
+    renames it ``client.<n>.pem``), by default ``<sota>/client.pem``. ``device_sota`` is
+    the same sota dir as the device sees it, for absolute paths in ``sota.toml``."""
+    sota = os.fspath(sota)
+    text = _sota_toml(sota)
+    named = sota_toml_facts(text)[0] if text is not None else None
+    if named is None:
+        return os.path.join(sota, "client.pem")
+    return _device_to_host(sota, device_sota, named)
+
+
+def is_registered(sota: StrPath, device_sota: str | None = None) -> bool:
+    """SPEC section 1: sql.db, or sota.toml with the client certificate it names or an HSM
+    configuration ([p11]).
 
     Never while an install journal exists: then those files are an unfinished install.
     """
+    sota = os.fspath(sota)
     if os.path.exists(os.path.join(sota, STATE_DIR, JOURNAL)):
         return False
     if os.path.exists(os.path.join(sota, "sql.db")):
         return True
-    toml = os.path.join(sota, "sota.toml")
-    if not os.path.exists(toml):
+    text = _sota_toml(sota)
+    if text is None:
         return False
-    if os.path.exists(os.path.join(sota, "client.pem")):
+    named, p11 = sota_toml_facts(text)
+    if p11:
         return True
-    import tomllib  # only here, for an HSM configuration: it costs a few ms to import
+    cert = os.path.join(sota, "client.pem") if named is None else \
+        _device_to_host(sota, device_sota, named)
+    return os.path.exists(cert)
 
+
+def registered_uuid(sota: StrPath, device_sota: str | None = None) -> str | None:
+    """The uuid (the CN of the client certificate ``sota.toml`` names) of an installed
+    registration, when readable. In HSM mode that is ``client.pem``, which the tool writes
+    beside the token's copy; a rotation keeps the subject, so the uuid stays right."""
     try:
-        with open(toml, "rb") as f:
-            return "p11" in tomllib.loads(f.read().decode(errors="replace"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-
-
-def registered_uuid(sota: StrPath) -> str | None:
-    """The uuid (the CN of ``client.pem``) of an installed registration, when readable."""
-    try:
-        with open(os.path.join(sota, "client.pem"), "rb") as f:
+        with open(client_cert(sota, device_sota), "rb") as f:
             return der.common_name(f.read())
     except (OSError, ValueError):
         return None
@@ -147,8 +225,8 @@ def check_not_registered(sota: StrPath, device_path: str | None = None) -> None:
     """Raise ``AlreadyRegistered`` (exit 3) when the device is registered: docs/spec.md section 1.
 
     ``sota`` is the sota dir on this machine, ``device_path`` the same on the device."""
-    if is_registered(sota):
-        uuid = registered_uuid(sota)
+    if is_registered(sota, device_path):
+        uuid = registered_uuid(sota, device_path)
         raise AlreadyRegistered(
             f"already registered ({os.fspath(sota)}"
             + (f", uuid {uuid}" if uuid else "")

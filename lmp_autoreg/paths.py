@@ -49,10 +49,6 @@ class DevicePaths(NamedTuple):
         return self.sota / "compose-apps"
 
     @property
-    def reset_apps(self) -> Path:
-        return self.sota / "reset-apps"
-
-    @property
     def state_dir(self) -> Path:
         """The agent's own state (lock, pending identity): ``<sota>/.lmp-autoreg``."""
         return self.sota / STATE_DIR
@@ -84,6 +80,3 @@ class DevicePaths(NamedTuple):
     @property
     def aklite_lock(self) -> Path:
         return self.host(AKLITE_LOCK)
-
-    def in_sota(self, name: str) -> Path:
-        return self.sota / name

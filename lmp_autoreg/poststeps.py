@@ -6,16 +6,31 @@ would act on the machine running the agent, so there they are skipped with a not
 - ``fioconfig check-in`` (``--fioconfig``): ``auto`` runs it when the binary is found
   (``--fioconfig-bin``/``FIOCONFIG_BIN``, else ``PATH``) and only warns when it fails;
   ``on`` requires it (not found or failed: exit 7, and no service is started);
-  ``off`` skips it. fioconfig finds ``sota.toml`` through its own config search path,
-  whose environment variable is also called ``SOTA_DIR`` but means a list of config
-  paths: the child never inherits ours, and a sota dir other than ``/var/sota`` is
-  passed as ``--config`` paths.
-- ``systemctl start`` of each service of ``--start`` (default aktualizr-lite,fioconfig),
-  all of them even when one fails; a failure exits 7. When systemd is not running
-  (``/run/systemd/system`` is missing, the check of sd_booted(3)), each is "skipped".
-- ``systemctl poweroff`` (``--poweroff``), the last step, only when every step before it
-  succeeded; it queues the shutdown and returns, so the result is still printed, and
-  says whether the poweroff was refused (exit 7).
+  ``off`` skips it. Its secrets dir (``SECRETS_DIR``, default ``/var/run/secrets``) is
+  created first, as fioconfig's own unit does. With systemd running, the check-in runs
+  outside this unit's sandbox, as a transient unit of PID 1 (``systemd-run --wait``)
+  with fioconfig's own ``EnvironmentFile=-/etc/default/fioconfig``: its handlers write
+  files (``/etc``, ``/var/sota``) and run scripts that a read-only OS would refuse, and it
+  gets exactly the environment its own unit has. Without systemd it runs as our child,
+  with ``/etc/default/fioconfig`` applied over our environment. fioconfig finds
+  ``sota.toml`` through its own config search path, whose environment variable is also
+  called ``SOTA_DIR`` but means a list of config paths: the child never inherits ours,
+  and a sota dir other than ``/var/sota`` is passed as ``--config`` paths. Its exit
+  status is mapped with the last line it printed: 0 "ok", 123 a handler's failure,
+  anything else (1) an error.
+- each service of ``--start`` (default aktualizr-lite,fioconfig), all of them even when
+  one fails: ``systemctl show`` says whether the unit exists (a unit that is not loaded
+  is "failed: <name> is not-found", exit 7), then ``systemctl start --no-block`` queues
+  its start and returns: never waiting on a job, because aktualizr-lite's start waits
+  for boot-complete.target, which can wait for multi-user.target, which waits for this
+  unit (SPEC section 7). Each is "queued", "started" (it was running already) or
+  "failed: <why>" (exit 7). When systemd is not running (``/run/systemd/system`` is
+  missing, the check of sd_booted(3)), each is "skipped".
+- ``systemctl poweroff`` (``--poweroff``), only when every step before it succeeded:
+  ``run_post_steps`` marks it "requested", and the CLI asks for it (``power_off``) only
+  after the result, the JSON and the last log line are written and flushed, since the
+  shutdown stops this unit at once. A refused poweroff is then logged with
+  ``LMP_EXIT_CODE=7`` and the agent exits 7.
 
 Every command is bounded by ``min(60 s, --timeout)``. The device stays registered
 whatever happens here. Nothing secret is passed to these commands.
@@ -30,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from . import testhook
 from .errors import PostStepFailed
+from .guard import read_env_file
 from .paths import DEFAULT_SOTA_DIR
 from .settings import Settings
 from .util import child_environ, run
@@ -43,6 +59,13 @@ STEP_TIMEOUT = 60.0
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
 # fioconfig's default config search path, with the sota.toml entry for our sota dir.
 _FIOCONFIG_CONFIG = ("/usr/lib/sota/conf.d", "{sota}/sota.toml", "/etc/sota/conf.d/")
+# fioconfig's unit's EnvironmentFile=, and its default secrets dir.
+FIOCONFIG_DEFAULTS = "/etc/default/fioconfig"
+DEFAULT_SECRETS_DIR = "/var/run/secrets"
+# fioconfig's exit status when a handler's on-change command exits 123.
+HANDLER_FAILED = 123
+# The transient unit of the check-in, so the journal names it.
+CHECKIN_UNIT = "lmp-autoreg-fioconfig-check-in"
 
 
 def systemd_running(environ: Mapping[str, str]) -> bool:
@@ -62,11 +85,10 @@ def run_post_steps(
     record each in ``result``.
 
     ``result.fioconfig`` becomes "ok", "off", "failed: ..." or "skipped: ...";
-    ``result.services`` maps each service to "started", "failed" or "skipped", and
-    ``"poweroff"`` to "requested", "failed" or "skipped" with ``--poweroff``. The poweroff
-    is asked for only when everything before it succeeded, and before the result is
-    printed, so that the JSON tells a jig whether it was refused. Raises
-    ``PostStepFailed`` (exit 7) when a required step failed.
+    ``result.services`` maps each service to "queued", "started", "failed: ..." or
+    "skipped", and ``"poweroff"`` to "requested" or "skipped" with ``--poweroff``: it is
+    requested only when everything before it succeeded, and asked for by ``power_off``
+    once the result is out. Raises ``PostStepFailed`` (exit 7) when a required step failed.
     """
     environ = os.environ if environ is None else environ
     paths = settings.paths
@@ -91,17 +113,18 @@ def run_post_steps(
     else:
         services = start_services(settings, environ)
     result.services = services
-    failed = [name for name, state in services.items() if state == "failed"]
+    failed = [name for name, state in services.items() if state.startswith("failed")]
     if failed:
         failures.append(f"could not start {', '.join(failed)}")
     if settings.poweroff:
         if failures:
             LOG.warning("not powering off: %s", "; ".join(failures))
             services["poweroff"] = "skipped"
+        elif not systemd_running(environ):
+            LOG.warning("systemd is not running: not powering off")
+            services["poweroff"] = "skipped"
         else:
-            services["poweroff"] = poweroff(settings, environ)
-            if services["poweroff"] == "failed":
-                failures.append("the poweroff was refused")
+            services["poweroff"] = "requested"  # once the result is out: power_off
     if failures:
         raise PostStepFailed("registered, but " + "; ".join(failures))
 
@@ -121,6 +144,24 @@ def fioconfig_command(settings: Settings, binary: str) -> list[str]:
     return [*argv, "check-in"]
 
 
+def fioconfig_environment(
+    environ: Mapping[str, str], defaults: Mapping[str, str]
+) -> dict[str, str]:
+    """The environment of a check-in run as our child: ours without what fioconfig would
+    misread, with ``/etc/default/fioconfig`` (``defaults``) over it, as its unit has it."""
+    return child_environ(environ, drop=("SOTA_DIR", "NOTIFY_SOCKET"), add=defaults)
+
+
+def checkin_outcome(returncode: int, output: str) -> str:
+    """What a check-in's exit status means (fioconfig: 0, 1, or 123 from a handler)."""
+    if returncode == 0:
+        return "ok"
+    line = _last_line(output)
+    if returncode == HANDLER_FAILED:
+        return f"failed: a handler failed (exit status {returncode}): {line}"
+    return f"failed: exit status {returncode}: {line}"
+
+
 def fioconfig_checkin(settings: Settings, environ: Mapping[str, str]) -> str:
     """Run ``fioconfig check-in`` as ``--fioconfig`` says; return what happened."""
     if settings.fioconfig == "off":
@@ -133,26 +174,43 @@ def fioconfig_checkin(settings: Settings, environ: Mapping[str, str]) -> str:
         complain("fioconfig check-in skipped: no fioconfig binary (looked in %s)", where)
         return f"skipped: fioconfig not found in {where}"
     timeout = step_timeout(settings)
-    LOG.info("checking in with fioconfig")
-    env = child_environ(environ, drop=("SOTA_DIR", "NOTIFY_SOCKET"))
+    argv = fioconfig_command(settings, binary)
+    defaults = read_env_file(FIOCONFIG_DEFAULTS)
+    env = child_environ(environ, drop=("NOTIFY_SOCKET",))
+    if systemd_running(environ):
+        # Outside our sandbox, in the environment fioconfig's own unit has (see above).
+        secrets = defaults.get("SECRETS_DIR") or DEFAULT_SECRETS_DIR
+        argv = ["systemd-run", "--wait", "--pipe", "--collect", "--quiet",
+                f"--unit={CHECKIN_UNIT}", f"--property=EnvironmentFile=-{FIOCONFIG_DEFAULTS}",
+                *argv]
+    else:
+        env = fioconfig_environment(environ, defaults)
+        secrets = env.get("SECRETS_DIR") or DEFAULT_SECRETS_DIR
     try:
-        done = run(fioconfig_command(settings, binary), timeout=timeout, env=env)
+        os.makedirs(secrets, mode=0o750, exist_ok=True)
+    except OSError as e:
+        complain("cannot create fioconfig's secrets dir %s: %s", secrets, e.strerror or e)
+        return f"failed: cannot create {secrets}"
+    LOG.info("checking in with fioconfig")
+    try:
+        done = run(argv, timeout=timeout, env=env)
     except TimeoutError:
         complain("fioconfig check-in did not finish within %.0f s", timeout)
         return f"failed: timed out after {timeout:.0f} s"
     except OSError as e:
-        complain("cannot run %s: %s", binary, e.strerror or e)
-        return f"failed: cannot run {binary}"
-    if done.returncode != 0:
-        complain("fioconfig check-in failed (exit status %d): %s", done.returncode,
-                 _last_line(done.stderr))
-        return f"failed: exit status {done.returncode}"
+        complain("cannot run %s: %s", argv[0], e.strerror or e)
+        return f"failed: cannot run {argv[0]}"
+    outcome = checkin_outcome(done.returncode, done.stdout + "\n" + done.stderr)
+    if outcome != "ok":
+        complain("fioconfig check-in %s", outcome)
+        return outcome
     LOG.info("fioconfig check-in done")
     return "ok"
 
 
 def start_services(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
-    """``systemctl start`` each service in order; name -> "started" | "failed" | "skipped"."""
+    """Queue the start of each service in order; name -> "queued" | "started" | "failed:
+    <why>" | "skipped"."""
     if not settings.start:
         return {}
     if not systemd_running(environ):
@@ -160,39 +218,60 @@ def start_services(settings: Settings, environ: Mapping[str, str]) -> dict[str, 
         return {name: "skipped" for name in settings.start}
     timeout = step_timeout(settings)
     env = child_environ(environ, drop=("NOTIFY_SOCKET",))
-    states = {}
-    for name in settings.start:
-        LOG.info("starting %s", name)
-        states[name] = "started" if _systemctl(["start", name], timeout, env) else "failed"
-    return states
+    return {name: _queue_start(name, timeout, env) for name in settings.start}
 
 
-def poweroff(settings: Settings, environ: Mapping[str, str]) -> str:
-    """``systemctl poweroff`` (it queues the job and returns): "requested", "failed" or
-    "skipped" (systemd is not running)."""
-    if not systemd_running(environ):
-        LOG.warning("systemd is not running: not powering off")
-        return "skipped"
+def unit_state(show_output: str) -> tuple[str, str]:
+    """(LoadState, ActiveState) from ``systemctl show`` output."""
+    props = dict(line.partition("=")[::2] for line in show_output.splitlines())
+    return props.get("LoadState", ""), props.get("ActiveState", "")
+
+
+def _queue_start(name: str, timeout: float, env: dict[str, str]) -> str:
+    ok, out = _systemctl(["show", "--property=LoadState", "--property=ActiveState", name],
+                         timeout, env)
+    if not ok:
+        return f"failed: {out}"
+    load, active = unit_state(out)
+    if load != "loaded":  # not-found, masked, bad-setting: a start could never be queued
+        LOG.error("cannot start %s: the unit is %s", name, load or "unknown to systemd")
+        return f"failed: {name} is {load or 'unknown to systemd'}"
+    if active == "active":
+        LOG.info("%s is running already", name)
+        return "started"
+    LOG.info("queuing the start of %s", name)
+    ok, out = _systemctl(["start", "--no-block", name], timeout, env)
+    return "queued" if ok else f"failed: {out}"
+
+
+def power_off(environ: Mapping[str, str] | None = None) -> bool:
+    """Ask PID 1 to power off (``systemctl poweroff`` queues the job and returns); call it
+    only once everything worth keeping is written. False when it was refused (logged)."""
+    environ = os.environ if environ is None else environ
     LOG.info("powering off")
     env = child_environ(environ, drop=("NOTIFY_SOCKET",))
-    return "requested" if _systemctl(["poweroff"], step_timeout(settings), env) else "failed"
+    ok, out = _systemctl(["poweroff"], STEP_TIMEOUT, env)
+    if not ok:
+        LOG.error("the poweroff was refused: %s", out)
+    return ok
 
 
-def _systemctl(args: list[str], timeout: float, env: dict[str, str]) -> bool:
+def _systemctl(args: list[str], timeout: float, env: dict[str, str]) -> tuple[bool, str]:
+    """Run systemctl: (True, its stdout) or (False, why, also logged)."""
     what = " ".join(["systemctl", *args])
     try:
         done = run(["systemctl", *args], timeout=timeout, env=env)
     except TimeoutError:
         LOG.error("%s did not finish within %.0f s", what, timeout)
-        return False
+        return False, f"systemctl timed out after {timeout:.0f} s"
     except OSError as e:
         LOG.error("cannot run %s: %s", what, e.strerror or e)
-        return False
+        return False, f"cannot run systemctl: {e.strerror or e}"
     if done.returncode != 0:
-        LOG.error("%s failed (exit status %d): %s", what, done.returncode,
-                  _last_line(done.stderr))
-        return False
-    return True
+        why = _last_line(done.stderr)
+        LOG.error("%s failed (exit status %d): %s", what, done.returncode, why)
+        return False, why
+    return True, done.stdout
 
 
 def _last_line(text: str) -> str:

@@ -115,9 +115,7 @@ def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
         "method": "POST",
         "url": settings.device_api,
         "headers": client.request_headers(settings, redact=True),
-        "body": client.request_body(
-            settings, uuid=uuid, csr=csr, reset_apps_dir=settings.paths.reset_apps.is_dir()
-        ),
+        "body": client.request_body(settings, uuid=uuid, csr=csr),
     }
     return result
 
@@ -132,9 +130,7 @@ def _register_native(attempt: Attempt, deadline: Deadline) -> None:
     LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
     preflight.warn(token_file=settings.token_place, production=settings.production)
     csr = identity.make_csr(attempt.key, uuid, settings.factory, settings.production)
-    body = client.request_body(
-        settings, uuid=uuid, csr=csr, reset_apps_dir=settings.paths.reset_apps.is_dir()
-    )
+    body = client.request_body(settings, uuid=uuid, csr=csr)
     testhook.pause("before-request")  # TEST-ONLY: returns at once on a device
 
     http = client.RegistrationClient(settings)
@@ -169,7 +165,7 @@ def _register_with_tool(attempt: Attempt, deadline: Deadline, *, force: bool) ->
     settings = attempt.settings
     attempt.take_identity(key=False)
     preflight.warn(token_file=settings.token_place, production=settings.production)
-    if force:  # the tool refuses to overwrite a registration: the old one goes first
-        attempt.remove_previous()
+    if force:  # the tool refuses to overwrite a registration: the old one waits aside
+        attempt.set_aside()
     backend_ldr.register(settings, attempt.result, deadline=deadline)
     attempt.finish()

@@ -22,6 +22,8 @@ from .preflight import check_token_transport
 DEFAULT_DEVICE_API = "https://api.foundries.io/ota/devices/"
 DEFAULT_TOKEN_HEADER = "OSF-TOKEN"
 DEFAULT_START = ("aktualizr-lite", "fioconfig")
+# lmp-device-register's -A default: restorable apps on, for every app (SPEC section 2).
+ALL_RESTORABLE = " "
 DEFAULT_TIMEOUT = 300.0
 T = TypeVar("T")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -69,7 +71,7 @@ class Settings(NamedTuple):
     token_place: str | None  # where the token came from, for messages (never the token)
     token_header: str = DEFAULT_TOKEN_HEADER
     hsm: Hsm | None = None
-    restorable_apps: str | None = None
+    restorable_apps: str = ALL_RESTORABLE  # "": off; " ": on, all apps; else "a,b"
     backend: str = "native"
     lmp_device_register: str | None = None
     fioconfig: str = "auto"
@@ -251,7 +253,7 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         token_place=token_place,
         token_header=token_header or DEFAULT_TOKEN_HEADER,
         hsm=hsm,
-        restorable_apps=cli.get("restorable_apps"),
+        restorable_apps=_restorable_apps(src),
         backend=backend,
         lmp_device_register=src.first("--lmp-device-register", "LMP_DEVICE_REGISTER")[0],
         fioconfig=fioconfig,
@@ -314,6 +316,17 @@ def _production(cli: Mapping[str, Any], src: _Sources) -> bool:
         return bool(cli["production"])
     # PRODUCTION set to anything, even empty, means production (as the shell script has it).
     return src.first(None, "PRODUCTION", empty_ok=True)[0] is not None
+
+
+def _restorable_apps(src: _Sources) -> str:
+    """What lmp-device-register's ``-A`` means (SPEC sections 2 and 3): on by default with
+    every app (one space), off when given empty, else the names given."""
+    value, _, _ = src.first("--restorable-apps", "RESTORABLE_APPS", empty_ok=True)
+    if value is None:
+        return ALL_RESTORABLE
+    if value == "":
+        return ""
+    return ",".join(a.strip() for a in value.split(",") if a.strip()) or ALL_RESTORABLE
 
 
 def _name(cli: Mapping[str, Any], src: _Sources, paths: DevicePaths) -> str | None:

@@ -3,14 +3,14 @@
 from typing import Any
 
 from . import der
-from .guard import is_registered
+from .guard import client_cert, is_registered
 from .paths import DevicePaths
 from .state import State
 
 
 def device_status(paths: DevicePaths) -> dict[str, Any]:
-    """docs/spec.md section 6's status object for the device at ``paths``."""
-    registered = is_registered(paths.sota)
+    """SPEC section 6's status object for the device at ``paths``."""
+    registered = is_registered(paths.sota, str(paths.sota_device))
     status: dict[str, Any] = {
         "registered": registered,
         "uuid": None,
@@ -24,7 +24,8 @@ def device_status(paths: DevicePaths) -> dict[str, Any]:
     # The small DER reader, not cryptography: status only shows these fields (they were
     # verified when the certificate was installed), and cryptography triples its start-up.
     try:
-        data = der.pem_to_der(paths.in_sota("client.pem").read_bytes())
+        with open(client_cert(paths.sota, str(paths.sota_device)), "rb") as f:
+            data = der.pem_to_der(f.read())
         subject = der.subject(data)
         not_after = der.not_after(data)
     except (OSError, ValueError):

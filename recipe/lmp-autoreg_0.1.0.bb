@@ -52,8 +52,14 @@ def lmp_autoreg_settings(d):
         lines.append("PRODUCTION=1")
     if d.getVar("LMP_AUTOREG_USE_HOSTNAME"):
         lines.append("USE_HOSTNAME=1")
-    lines.append("START_SERVICES=" + (d.getVar("LMP_AUTOREG_START_SERVICES") or "").strip())
-    lines.append("FIOCONFIG=" + ((d.getVar("LMP_AUTOREG_FIOCONFIG") or "").strip() or "auto"))
+    # Only what differs from the agent's own defaults: the file then shows the image's
+    # choices, and nothing else for a reader to wonder about.
+    services = (d.getVar("LMP_AUTOREG_START_SERVICES") or "").strip()
+    if services != "aktualizr-lite,fioconfig":
+        lines.append("START_SERVICES=" + services)
+    fioconfig = (d.getVar("LMP_AUTOREG_FIOCONFIG") or "").strip() or "auto"
+    if fioconfig != "auto":
+        lines.append("FIOCONFIG=" + fioconfig)
     if d.getVar("LMP_AUTOREG_POWEROFF"):
         lines.append("POWEROFF=1")
     return lines

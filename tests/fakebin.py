@@ -1,4 +1,4 @@
-"""Fake executables on PATH (fioconfig, systemctl, lmp-device-register) for tests.
+"""Fake executables on PATH (fioconfig, systemctl, systemd-run, lmp-device-register).
 
 Each fake is a small Python script in a temporary bin directory. Every run appends one
 JSON line to ``calls.jsonl`` in that directory (its name, argv, environment and umask), so a test
@@ -9,13 +9,25 @@ from ``<name>.json`` next to it, so a test can change it between runs:
 - ``when``: ``{last argument: behaviour}``, e.g. make ``systemctl start fioconfig`` fail
   while ``systemctl start aktualizr-lite`` works.
 
-``lmp-device-register`` imitates the real tool: it parses the tool's options, makes an EC
-key and a CSR, POSTs the request to ``$DEVICE_API`` (so it really registers with the test
-kit's server) and writes ``pkey.pem`` and the answer's files into the ``-d`` directory,
-printing the real tool's messages and exiting 255 when it fails. Its ``mode`` knob breaks
-it on purpose: ``wrong-key`` (leaves a pkey.pem the certificate does not match),
-``no-toml`` (leaves no sota.toml), ``crash`` (writes the files, then fails with an unknown
-message); ``stderr``/``exit`` make it fail at once with that message.
+``systemctl`` answers ``show`` as the real one does (``missing`` and ``active`` knobs) and
+fails ``start`` of a unit that does not exist; ``systemd-run`` runs its command in PID 1's
+environment plus the ``EnvironmentFile=`` it is given, and returns its exit status.
+
+``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): it parses
+its options with the real defaults (``-A`` one space; ``--production`` off, or on with the
+``production_build`` knob, a tool built with ``-DPRODUCTION``; ``PRODUCTION`` in the
+environment means production whatever the option), refuses a sota dir holding ``sql.db``
+or ``client.pem``, sends ``HEAD $DEVICE_API`` first (an answer of 500 or more is "not
+healthy"), makes an EC key and a CSR, builds the body as the tool does (the
+``reset-apps`` directory rule included), POSTs it (so it really registers with the test
+kit's server), and writes ``pkey.pem`` and the answer's files into the ``-d`` directory
+(``[p11]`` appended to sota.toml in HSM mode), printing the real tool's messages on
+stderr and exiting 255 when it fails. Its ``mode`` knob breaks it on purpose:
+``wrong-key`` (leaves a pkey.pem the certificate does not match), ``no-toml`` (leaves no
+sota.toml), ``crash`` (writes the files, then fails with an unknown message),
+``other-uuid`` (registers and installs a certificate for another uuid), ``hsm-no-p11``
+(HSM mode without the ``[p11]`` section); ``stderr``/``exit`` make it fail at once with
+that message.
 """
 
 import json
@@ -51,59 +63,173 @@ sys.stderr.write(rule.get("stderr", ""))
 sys.exit(rule.get("exit", 0))
 """
 
-_LMP_DEVICE_REGISTER = """
-import urllib.error, urllib.request
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+_SYSTEMCTL = r"""
+# As the real systemctl: "show" prints the properties asked for, also of a unit that does
+# not exist (LoadState=not-found), and exits 0; "start" of such a unit fails with exit 5.
+# Knobs: "missing" (unit names that do not exist), "active" (units running already), and
+# "when" (last argument -> behaviour) for anything else; a behaviour's "copy" ({src: dst})
+# copies files when the command runs.
+args = sys.argv[1:]
+unit = args[-1] if args else ""
+loaded = unit not in CONF.get("missing", [])
+if args and args[0] == "show":
+    props = {"LoadState": "loaded" if loaded else "not-found",
+             "ActiveState": "active" if unit in CONF.get("active", []) else "inactive"}
+    for arg in args[1:-1]:
+        name = arg.partition("=")[2]
+        if name in props:
+            print("%s=%s" % (name, props[name]))
+    sys.exit(0)
+if args and args[0] == "start" and not loaded:
+    sys.stderr.write("Failed to start %s.service: Unit %s.service not found.\n" % (unit, unit))
+    sys.exit(5)
+rule = CONF.get("when", {}).get(unit, CONF)
+for src, dst in rule.get("copy", {}).items():  # what a file held when this ran
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        out.write(f.read())
+time.sleep(rule.get("sleep", 0))
+sys.stdout.write(rule.get("stdout", ""))
+sys.stderr.write(rule.get("stderr", ""))
+sys.exit(rule.get("exit", 0))
+"""
 
+_SYSTEMD_RUN = r"""
+# As the real systemd-run --wait --pipe: the command runs in PID 1's environment (here:
+# PATH only) plus the EnvironmentFile= property's file, and its exit status is returned.
+import subprocess
+args, env = sys.argv[1:], {"PATH": os.environ.get("PATH", os.defpath)}
+while args and args[0].startswith("-"):
+    arg = args.pop(0)
+    if arg.startswith("--property=EnvironmentFile="):
+        path = arg.partition("EnvironmentFile=")[2].lstrip("-")
+        if os.path.exists(path):
+            for line in open(path):
+                key, eq, value = line.strip().partition("=")
+                if eq and not key.startswith("#"):
+                    env[key] = value.strip('"')
+sys.exit(subprocess.run(args, env=env, stdin=subprocess.DEVNULL).returncode)
+"""
+
+_LMP_DEVICE_REGISTER = r"""
 def fail(message):
-    sys.stderr.write(message + "\\n")
+    sys.stderr.write(message + "\n")
     sys.exit(255)
+
+def boolean(value):
+    return value.lower() in ("1", "true", "yes", "on")
 
 time.sleep(CONF.get("sleep", 0))
 if "stderr" in CONF:
     sys.stderr.write(CONF["stderr"])
     sys.exit(CONF.get("exit", 255))
-opts, args = {}, sys.argv[1:]
+import re, urllib.error, urllib.request, uuid as uuidlib
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+# Options, with the real tool's defaults; "production_build" is a tool built -DPRODUCTION.
+opts = {"-A": " ", "-d": "/var/sota", "-H": "OSF-TOKEN", "--start-daemon": "1",
+        "--production": "1" if CONF.get("production_build") else "0"}
+args = sys.argv[1:]
 while args:
     name = args.pop(0)
     if not args:
         fail("ERROR: the required argument for option '%s' is missing" % name)
     opts[name] = args.pop(0)
-sota = opts.get("-d", "/var/sota")
-if os.path.exists(os.path.join(sota, "sql.db")):
-    fail("ERROR: Device appears to already be registered in %s/sql.db" % sota)
-uuid, hsm = opts["-u"], "--hsm-module" in opts
-key = ec.generate_private_key(ec.SECP256R1())
-subject = [x509.NameAttribute(NameOID.COMMON_NAME, uuid),
-           x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, opts["-f"])]
-if "PRODUCTION" in os.environ:
-    subject.append(x509.NameAttribute(NameOID.BUSINESS_CATEGORY, "production"))
-csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name(subject))
-       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
-       .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
-q = lambda v: '"%s"' % v
-pacman = {"type": q("ostree+compose_apps"), "compose_apps_root": q(sota + "/compose-apps"),
-          "reset_apps_root": q(sota + "/reset-apps"), "tags": q(opts["-t"])}
-if "-a" in opts:
-    pacman["compose_apps"] = q(opts["-a"])
-body = {"name": opts["-n"], "uuid": uuid, "csr": csr, "hardware-id": opts["-i"],
-        "sota-config-dir": sota, "use-ostree-server": "true", "overrides": {"pacman": pacman}}
-if "-g" in opts:
-    body["group"] = opts["-g"]
-url = os.environ["DEVICE_API"]
-request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
-    "Content-type": "application/json", opts.get("-H", "OSF-TOKEN"): opts["-T"]})
+if not opts.get("-f") or opts["-f"] == "lmp":
+    fail("Missing factory definition")
+if not opts.get("-t"):
+    fail("Missing tag definition")
+hsm = bool(opts.get("--hsm-module"))
+if (hsm or opts.get("--hsm-pin") or opts.get("--hsm-so-pin")) and not (
+        hsm and opts.get("--hsm-pin") and opts.get("--hsm-so-pin")):
+    fail("HSM incorrectly configured")
+production = boolean(opts["--production"]) or "PRODUCTION" in os.environ
+uuid = opts.get("-u") or str(uuidlib.uuid4())
+if not re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", uuid):
+    fail("Invalid UUID: %s, aborting" % uuid)
+name = opts.get("-n") or uuid
+sota = opts["-d"]
 try:
-    with urllib.request.urlopen(request, timeout=10) as response:
-        files = json.load(response)
+    open(os.path.join(sota, ".tmp"), "w").close()
+    os.unlink(os.path.join(sota, ".tmp"))
+except OSError:
+    fail("Unable to write to %s" % sota)
+if any(os.path.exists(os.path.join(sota, f)) for f in ("sql.db", "client.pem")):
+    fail("ERROR: Device already registered in %s\n"
+         "Re-run with --force 1 to remove existing registration data" % sota)
+headers = {"Content-type": "application/json"}
+if opts.get("-T"):
+    headers[opts["-H"]] = opts["-T"]
+url = os.environ.get("DEVICE_API", "https://api.foundries.io/ota/devices/")
+print("Using DEVICE_API: %s" % url)
+try:
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as r:
+        health = r.status
 except urllib.error.HTTPError as e:
-    fail("Unable to create device: HTTP_%d\\n%s" % (e.code, e.read().decode(errors="replace")))
+    health = e.code
 except (urllib.error.URLError, OSError) as e:
     fail("Unable to reach the device registration endpoint %s; err: %s" % (url, e))
+if health >= 500:
+    fail("The device registration endpoint is not healthy%s; status code: %d" % (url, health))
 mode = CONF.get("mode")
+cn = str(uuidlib.uuid4()) if mode == "other-uuid" else uuid  # a certificate for another uuid
+key = ec.generate_private_key(ec.SECP256R1())
+subject = [x509.NameAttribute(NameOID.COMMON_NAME, cn),
+           x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, opts["-f"])]
+if production:
+    subject.append(x509.NameAttribute(NameOID.BUSINESS_CATEGORY, "production"))
+usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                      data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                      crl_sign=False, encipher_only=False, decipher_only=False)
+csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name(subject))
+       .add_extension(usage, critical=True)
+       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
+       .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+# The body as the tool's property tree writes it: every value a string.
+q = lambda v: '"%s"' % v
+body = {"use-ostree-server": "true", "sota-config-dir": sota, "hardware-id": opts.get("-i", ""),
+        "name": name, "uuid": cn, "csr": csr}
+overrides = {}
+if hsm:
+    overrides["tls"] = {"pkey_source": q("pkcs11"), "cert_source": q("pkcs11")}
+    for section in ("storage", "import"):
+        overrides[section] = {"tls_pkey_path": "", "tls_clientcert_path": ""}
+pacman = {"type": q("ostree+compose_apps"), "compose_apps_root": q(sota + "/compose-apps")}
+if opts.get("-a"):
+    pacman["compose_apps"] = q(opts["-a"])
+pacman["reset_apps_root"] = q(sota + "/reset-apps")
+if opts["-A"]:
+    pacman["reset_apps"] = q(opts["-A"])
+elif os.path.exists(os.path.join(sota, "reset-apps")):
+    print("Device is preloaded with Restorable Apps, turning their usage ON")
+    pacman["reset_apps"] = q("")
+overrides["pacman"] = pacman
+body["overrides"] = overrides
+if opts.get("-g"):
+    body["group"] = opts["-g"]
+pacman["tags"] = q(opts["-t"])
+print("Registering device %s with factory %s" % (name, opts["-f"]))
+request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers=headers)
+try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+        status, raw = response.status, response.read()
+except urllib.error.HTTPError as e:
+    status, raw = e.code, e.read()
+except (urllib.error.URLError, OSError) as e:
+    sys.stderr.write("Unable to post to %s: %s\n" % (url, e))
+    fail("Unable to create device: HTTP_-1")
+try:
+    files = json.loads(raw)
+except ValueError as e:
+    files = {}
+    sys.stderr.write("Unable to parse response from: %s Error is:\n %s\nRaw response was: %s\n"
+                     % (url, e, raw.decode(errors="replace")))
+if status != 201:
+    fail("Unable to create device: HTTP_%d" % status + "".join(
+        "\n%s: %s" % item for item in (files.items() if isinstance(files, dict) else ())))
+print("Populate sota directory.")
 if mode == "wrong-key":
     key = ec.generate_private_key(ec.SECP256R1())
 if mode == "no-toml":
@@ -113,11 +239,11 @@ if not hsm:
                             serialization.NoEncryption())
     with open(os.path.join(sota, "pkey.pem"), "wb") as f:
         f.write(pem)
-for name, content in files.items():
-    if hsm and name == "sota.toml":
-        content += '\\n[p11]\\nmodule = "%s"\\npass = "%s"\\n' % (opts["--hsm-module"],
-                                                               opts["--hsm-pin"])
-    with open(os.path.join(sota, name), "w") as f:
+for fname, content in files.items():
+    if hsm and fname == "sota.toml" and mode != "hsm-no-p11":
+        content += ('\n[p11]\nmodule = "%s"\npass = "%s"\ntls_pkey_id = "01"\n'
+                    'tls_clientcert_id = "03"\n' % (opts["--hsm-module"], opts["--hsm-pin"]))
+    with open(os.path.join(sota, fname), "w") as f:
         f.write(content)
 if mode == "crash":
     fail("Could not store certificate")
@@ -143,7 +269,8 @@ class FakeBin:
 
     def add(self, name: str, **behaviour: Any) -> Path:
         """Create the fake ``name`` (lmp-device-register gets the imitation of the tool)."""
-        body = _LMP_DEVICE_REGISTER if name == "lmp-device-register" else _SIMPLE
+        body = {"lmp-device-register": _LMP_DEVICE_REGISTER, "systemctl": _SYSTEMCTL,
+                "systemd-run": _SYSTEMD_RUN}.get(name, _SIMPLE)
         path = self.dir / name
         path.write_text(f"#!{sys.executable}\n{_RECORD}{body}")
         path.chmod(0o755)

@@ -100,6 +100,20 @@ def test_a_failed_force_keeps_the_old_registration(device_root, registration_ser
     assert run_cli("status", "--sysroot", str(device_root.root)).returncode == 0
 
 
+def test_files_a_killed_run_set_aside_are_put_back_first(device_root, registration_server,
+                                                          sota):
+    assert run_cli(*device_args(device_root, registration_server)).returncode == 0
+    before = {p.name: p.read_bytes() for p in sota.iterdir() if p.is_file()}
+    aside = sota / ".lmp-autoreg" / "aside"  # where a run killed after setting them aside
+    aside.mkdir()
+    for name in before:
+        (sota / name).rename(aside / name)
+    run = run_cli(*device_args(device_root, registration_server, "--json"))
+    assert run.returncode == 3, run.stderr  # put back, so registered: nothing to do
+    assert {p.name: p.read_bytes() for p in sota.iterdir() if p.is_file()} == before
+    assert not aside.exists() and len(registration_server.requests) == 1
+
+
 def test_an_image_whose_sota_dir_is_an_absolute_link(tmp_path, registration_server):
     device = FakeDevice(tmp_path / "image", sota_dir="/data/sota").build()
     (device.root / "var").mkdir()
@@ -307,6 +321,55 @@ def test_status(device_root, registration_server):
     assert run.json["sota_dir"] == "/var/sota" and run.json["pending"] is False
     run = run_cli("status", "--sysroot", root, "--bogus")
     assert run.returncode == 2
+
+
+def rotate(sota, number: int) -> str:
+    """What fioconfig's certificate rotation leaves: the certificate under a new name that
+    sota.toml now points at (a device path), and another certificate at client.pem."""
+    rotated = f"client.{number}.pem"
+    (sota / "client.pem").rename(sota / rotated)
+    toml = (sota / "sota.toml").read_text()
+    line = 'tls_clientcert_path = "/var/sota/client.pem"'
+    assert line in toml
+    (sota / "sota.toml").write_text(toml.replace(line, line.replace("client.pem", rotated)))
+    return rotated
+
+
+def test_rotated_certificate_is_followed(device_root, registration_server, sota):
+    assert run_cli(*device_args(device_root, registration_server)).returncode == 0
+    uuid = registration_server.requests[0].json["uuid"]
+    rotated = rotate(sota, 2468)
+    (sota / "client.pem").write_text(registration_server.ca.cert_pem)  # not the device's
+    root = str(device_root.root)
+    for args in (("status", "--sysroot", root, "--json"),
+                 device_args(device_root, registration_server, "--json")):
+        run = run_cli(*args)
+        assert run.json["uuid"] == uuid, run.stdout
+    assert run.returncode == 3 and run.json["result"] == "already-registered"
+    assert len(registration_server.requests) == 1
+    (sota / "client.pem").unlink()  # the certificate sota.toml names is what counts
+    assert run_cli("status", "--sysroot", root).returncode == 0
+    (sota / rotated).unlink()
+    (sota / "client.pem").write_text(registration_server.ca.cert_pem)
+    run = run_cli("status", "--sysroot", root, "--json")
+    assert run.returncode == 1 and run.json["registered"] is False
+
+
+@pytest.mark.parametrize("ids", [("01", "03"), ("07", "09")])
+def test_hsm_configuration_is_a_registration(device_root, registration_server, sota, ids):
+    assert run_cli(*device_args(device_root, registration_server)).returncode == 0
+    uuid = registration_server.requests[0].json["uuid"]
+    (sota / "pkey.pem").unlink()
+    with (sota / "sota.toml").open("a") as f:
+        f.write(f'\n[p11]\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\npass = "1234"\n'
+                f'tls_pkey_id = "{ids[0]}"\ntls_clientcert_id = "{ids[1]}"\n')
+    root = str(device_root.root)
+    run = run_cli("status", "--sysroot", root, "--json")
+    assert run.returncode == 0 and run.json["uuid"] == uuid
+    (sota / "client.pem").unlink()  # the certificate is on the token
+    run = run_cli(*device_args(device_root, registration_server, "--json"))
+    assert run.returncode == 3 and run.json["uuid"] is None
+    assert len(registration_server.requests) == 1
 
 
 def test_console_script_runs_the_same_main():

@@ -6,7 +6,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lmp_autoreg.identity import name_string
 from lmp_autoreg.testing.device import FakeDevice
 
-from conftest import device_args, run_cli
+from conftest import clean_env, device_args, run_cli
 
 
 def csr_of(request) -> x509.CertificateSigningRequest:
@@ -32,6 +32,7 @@ def test_body_matches_the_spec_example(tmp_path, registration_server):
                 "compose_apps_root": '"/var/sota/compose-apps"',
                 "compose_apps": '"app1,app2"',
                 "reset_apps_root": '"/var/sota/reset-apps"',
+                "reset_apps": '" "',  # restorable apps on, for every app, by default
                 "tags": '"main"',
             }
         },
@@ -65,7 +66,7 @@ def test_optional_fields(tmp_path, registration_server):
     assert body["uuid"] == "11111111-2222-4333-8444-555555555555"
     pacman = body["overrides"]["pacman"]
     assert "compose_apps" not in pacman  # no apps found: all apps
-    assert pacman["reset_apps"] == '""'
+    assert pacman["reset_apps"] == '" "'  # the reset-apps directory changes nothing
     assert request.headers["X-Custom-Token"] == "not-a-real-token"
     assert "OSF-TOKEN" not in request.headers
     subject = csr_of(request).subject
@@ -79,3 +80,14 @@ def test_restorable_apps_and_quoting(device_root, registration_server):
     pacman = registration_server.requests[0].json["overrides"]["pacman"]
     assert pacman["reset_apps"] == '"app1"'
     assert pacman["tags"] == '"odd\\"tag"'
+
+
+def test_restorable_apps_off(device_root, registration_server):
+    run = run_cli(*device_args(device_root, registration_server, "--restorable-apps", ""))
+    assert run.returncode == 0, run.stderr
+    run = run_cli(*device_args(device_root, registration_server, "--force"),
+                  env=clean_env(RESTORABLE_APPS=""))
+    assert run.returncode == 0, run.stderr
+    for request in registration_server.requests:
+        pacman = request.json["overrides"]["pacman"]
+        assert "reset_apps" not in pacman and pacman["reset_apps_root"]

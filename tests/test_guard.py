@@ -49,3 +49,38 @@ def test_check_names_the_uuid_or_does_without(tmp_path, registration_server):
         guard.check_not_registered(tmp_path)
     (tmp_path / "client.pem").unlink()
     assert guard.registered_uuid(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "facts"),
+    [
+        ("", (None, False)),
+        ('[import]\ntls_clientcert_path = "/var/sota/client.7.pem"\n', ("/var/sota/client.7.pem",
+                                                                        False)),
+        ("[import]\ntls_clientcert_path = '/x/client.pem' # a comment\n", ("/x/client.pem", False)),
+        ('[import]\ntls_clientcert_path = "/x/\\u0063.pem"\n', ("/x/c.pem", False)),
+        ('[import]\n# tls_clientcert_path is not set\n[p11]\ntls_clientcert_id = "09"\n',
+         (None, True)),
+        ('[tls]\ntls_clientcert_path = "/not/import.pem"\n[ p11 ]\n', (None, True)),
+        ('[import]\ntls_clientcert_path = ""\n', (None, False)),
+    ],
+)
+def test_sota_toml_facts(text, facts):
+    assert guard.sota_toml_facts(text) == facts
+
+
+def test_client_cert_follows_sota_toml(tmp_path):
+    sota = tmp_path / "image/var/sota"
+    sota.mkdir(parents=True)
+    assert guard.client_cert(sota, "/var/sota") == str(sota / "client.pem")
+    toml = sota / "sota.toml"
+    for named, where in [("/var/sota/client.3.pem", sota / "client.3.pem"),
+                         ("client.4.pem", sota / "client.4.pem"),
+                         ("/data/client.pem", tmp_path / "image/data/client.pem")]:
+        toml.write_text(f'[import]\ntls_clientcert_path = "{named}"\n')
+        assert guard.client_cert(sota, "/var/sota") == str(where)
+        assert not guard.is_registered(sota, "/var/sota")
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text("a certificate\n")
+        assert guard.is_registered(sota, "/var/sota")
+        where.unlink()

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from lmp_autoreg.paths import DEFAULTS_FILE
+
 from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,7 +188,9 @@ def test_unit_runs_once_and_retries(unit: Unit) -> None:
     assert single(unit, "Service", "RemainAfterExit") == "yes"
     # sd_notify STATUS= lines from the agent reach systemd only with NotifyAccess.
     assert single(unit, "Service", "NotifyAccess") == "main"
-    assert single(unit, "Service", "EnvironmentFile") == "-/etc/default/lmp-device-auto-register"
+    # The agent reads the default file itself, below its environment, so a drop-in's
+    # Environment= overrides a setting; EnvironmentFile= would make the file win.
+    assert values(unit, "Service", "EnvironmentFile") == []
     for target in ("network-online.target", "time-sync.target"):
         assert target in words(unit, "Unit", "Wants")
         assert target in words(unit, "Unit", "After")
@@ -194,7 +198,8 @@ def test_unit_runs_once_and_retries(unit: Unit) -> None:
     assert words(unit, "Service", "SuccessExitStatus") == ["3"]
     assert single(unit, "Service", "Restart") == "on-failure"
     assert int(single(unit, "Service", "RestartSec")) > 0
-    assert sorted(words(unit, "Service", "RestartPreventExitStatus")) == ["2", "4"]
+    # 7: registered, a post-step failed; a rerun cannot redo it: the unit stays failed.
+    assert sorted(words(unit, "Service", "RestartPreventExitStatus")) == ["2", "4", "7"]
     assert single(unit, "Unit", "StartLimitIntervalSec") == "0"
     assert words(unit, "Install", "WantedBy") == ["multi-user.target"]
 
@@ -425,9 +430,8 @@ def test_recipe_agrees_with_unit_and_pyproject(parsed: ParsedRecipe, unit: Unit)
         f"${{S}}/systemd/{UNIT_NAME} \\\n        ${{D}}${{systemd_system_unitdir}}/{UNIT_NAME}"
         in script
     )
-    # The default file lands where the unit's EnvironmentFile= reads it.
-    env_file = single(unit, "Service", "EnvironmentFile").lstrip("-")
-    assert env_file.startswith("/etc/")
+    # The default file lands where the agent reads it.
+    env_file = str(DEFAULTS_FILE)
     default_src = "${S}/systemd/" + DEFAULT_FILE.name
     assert f"{default_src} \\\n        ${{D}}${{sysconfdir}}/{env_file[len('/etc/') :]}" in script
     # ExecStart runs the console script that the PEP 517 build puts in ${bindir}.
@@ -522,7 +526,7 @@ def test_install_without_token(parsed: ParsedRecipe, tmp_path: Path) -> None:
     dest, warnings = run_recipe_install(parsed, tmp_path, {})
     assert (dest / "usr/lib/systemd/system" / UNIT_NAME).read_bytes() == UNIT.read_bytes()
     assert (dest / "usr/lib/tmpfiles.d/lmp-autoreg.conf").read_bytes() == TMPFILES.read_bytes()
-    assert added_settings(dest) == ["START_SERVICES=aktualizr-lite,fioconfig", "FIOCONFIG=auto"]
+    assert added_settings(dest) == []  # only what differs from the agent's defaults
     assert not (dest / "etc/lmp-device-register-token").exists()
     assert warnings == []
 

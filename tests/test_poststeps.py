@@ -2,10 +2,18 @@
 fake fioconfig/systemctl executables on PATH that record how they were run."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from lmp_autoreg.poststeps import fioconfig_command, systemd_running
+from lmp_autoreg.poststeps import (
+    checkin_outcome,
+    fioconfig_command,
+    fioconfig_environment,
+    systemd_running,
+)
 from lmp_autoreg.settings import resolve
 from lmp_autoreg.testhook import SYSTEMD_RUNTIME_DIR_ENV
 
@@ -20,6 +28,7 @@ def fakes(tmp_path) -> FakeBin:
     bin_ = FakeBin(tmp_path / "bin")
     bin_.add("fioconfig")
     bin_.add("systemctl")
+    bin_.add("systemd-run")
     return bin_
 
 
@@ -46,26 +55,40 @@ def commands(fakes: FakeBin) -> list[list[str]]:
     return [[c.name, *c.argv] for c in fakes.calls()]
 
 
+def show(name: str) -> list[str]:
+    return ["systemctl", "show", "--property=LoadState", "--property=ActiveState", name]
+
+
+def queue(name: str) -> list[list[str]]:
+    return [show(name), ["systemctl", "start", "--no-block", name]]
+
+
+def through_pid1(fakes: FakeBin, *argv: str) -> list[str]:
+    return ["systemd-run", "--wait", "--pipe", "--collect", "--quiet",
+            "--unit=lmp-autoreg-fioconfig-check-in",
+            "--property=EnvironmentFile=-/etc/default/fioconfig", str(fakes.dir / argv[0]),
+            *argv[1:]]
+
+
 def test_checkin_then_services_in_order(live_root, device_root, registration_server, fakes,
                                         systemd):
     env = {**systemd, "SOTA_DIR": "/elsewhere", "NOTIFY_SOCKET": str(fakes.dir / "nobody")}
     run = register(device_root, registration_server, fakes, env)
     assert run.returncode == 0, run.stderr
     sota = str(device_root.sota)
-    assert commands(fakes) == [
-        ["fioconfig", "--config", "/usr/lib/sota/conf.d", "--config", f"{sota}/sota.toml",
-         "--config", "/etc/sota/conf.d/", "check-in"],
-        ["systemctl", "start", "aktualizr-lite"],
-        ["systemctl", "start", "fioconfig"],
-    ]
+    checkin = ["fioconfig", "--config", "/usr/lib/sota/conf.d", "--config", f"{sota}/sota.toml",
+               "--config", "/etc/sota/conf.d/", "check-in"]
+    # The check-in runs through PID 1, outside our sandbox; the starts are only queued.
+    assert commands(fakes) == [through_pid1(fakes, *checkin), checkin,
+                               *queue("aktualizr-lite"), *queue("fioconfig")]
     out = run.json
     assert out["fioconfig"] == "ok"
-    assert out["services"] == {"aktualizr-lite": "started", "fioconfig": "started"}
+    assert out["services"] == {"aktualizr-lite": "queued", "fioconfig": "queued"}
     # The check-in ran after the install: sota.toml was there for it.
     assert (device_root.sota / "sota.toml").is_file()
     # fioconfig reads SOTA_DIR as its own config path list; no child gets NOTIFY_SOCKET.
     checkin = fakes.calls("fioconfig")[0]
-    assert "SOTA_DIR" not in checkin.env
+    assert "SOTA_DIR" not in checkin.env  # PID 1's environment and fioconfig's own file
     assert all("NOTIFY_SOCKET" not in c.env for c in fakes.calls())
     assert TOKEN not in json.dumps([c.__dict__ for c in fakes.calls()])
 
@@ -78,7 +101,7 @@ def test_custom_service_list_and_fioconfig_bin(live_root, device_root, registrat
                    "--start", "c-svc,a-svc,b-svc", "--fioconfig-bin", str(binary))
     assert run.returncode == 0, run.stderr
     assert fakes.calls("fioconfig") == [] and len(elsewhere.calls("fioconfig")) == 1
-    assert commands(fakes) == [["systemctl", "start", s] for s in ("c-svc", "a-svc", "b-svc")]
+    assert commands(fakes)[1:] == [c for s in ("c-svc", "a-svc", "b-svc") for c in queue(s)]
     assert list(run.json["services"]) == ["c-svc", "a-svc", "b-svc"]
 
 
@@ -91,7 +114,7 @@ def test_auto_without_fioconfig_skips_it(live_root, device_root, registration_se
     assert run.returncode == 0, run.stderr
     assert run.json["fioconfig"] == "skipped: fioconfig not found in PATH"
     assert "no fioconfig binary" in run.stderr
-    assert run.json["services"] == {"aktualizr-lite": "started", "fioconfig": "started"}
+    assert run.json["services"] == {"aktualizr-lite": "queued", "fioconfig": "queued"}
 
 
 def test_auto_failing_checkin_is_a_warning(live_root, device_root, registration_server, fakes,
@@ -99,18 +122,19 @@ def test_auto_failing_checkin_is_a_warning(live_root, device_root, registration_
     fakes.set("fioconfig", exit=1, stderr="check-in: HTTP 503 from the device gateway\n")
     run = register(device_root, registration_server, fakes, systemd)
     assert run.returncode == 0, run.stderr
-    assert run.json["fioconfig"] == "failed: exit status 1" and run.json["error"] is None
-    assert "warning: fioconfig check-in failed (exit status 1)" in run.stderr
-    assert "HTTP 503 from the device gateway" in run.stderr
-    assert run.json["services"] == {"aktualizr-lite": "started", "fioconfig": "started"}
+    assert run.json["fioconfig"] == "failed: exit status 1: check-in: HTTP 503 from the " \
+        "device gateway"
+    assert run.json["error"] is None
+    assert "warning: fioconfig check-in failed: exit status 1" in run.stderr
+    assert run.json["services"] == {"aktualizr-lite": "queued", "fioconfig": "queued"}
 
 
 def test_checkin_timeout_is_bounded(live_root, device_root, registration_server, fakes, systemd):
     fakes.set("fioconfig", sleep=30)
-    run = register(device_root, registration_server, fakes, systemd, "--timeout", "1",
+    run = register(device_root, registration_server, fakes, systemd, "--timeout", "4",
                    "--no-start")
     assert run.returncode == 0, run.stderr
-    assert run.json["fioconfig"] == "failed: timed out after 1 s"
+    assert run.json["fioconfig"] == "failed: timed out after 4 s"
 
 
 def test_on_failing_checkin_exits_7_and_starts_nothing(live_root, device_root,
@@ -121,7 +145,7 @@ def test_on_failing_checkin_exits_7_and_starts_nothing(live_root, device_root,
     out = run.json
     assert out["exit_code"] == 7 and out["result"] == "registered"
     assert out["error"]["kind"] == "post-step" and "fioconfig" in out["error"]["message"]
-    assert out["fioconfig"] == "failed: exit status 2"
+    assert out["fioconfig"] == "failed: exit status 2: no network"
     assert out["services"] == {"aktualizr-lite": "skipped", "fioconfig": "skipped"}
     assert fakes.calls("systemctl") == []
     # Registered all the same: the files stay.
@@ -144,23 +168,35 @@ def test_off_runs_no_checkin(live_root, device_root, registration_server, fakes,
     run = register(device_root, registration_server, fakes, systemd, "--fioconfig", "off")
     assert run.returncode == 0, run.stderr
     assert run.json["fioconfig"] == "off" and fakes.calls("fioconfig") == []
-    assert len(fakes.calls("systemctl")) == 2
+    assert len(fakes.calls("systemctl")) == 4
 
 
-def test_failed_start_exits_7_after_trying_all(live_root, device_root, registration_server,
+def test_missing_unit_exits_7_after_trying_all(live_root, device_root, registration_server,
                                                fakes, systemd):
-    fakes.set("systemctl", when={"aktualizr-lite": {
-        "exit": 5, "stderr": "Failed to start aktualizr-lite.service: Unit not found.\n"}})
+    fakes.set("systemctl", missing=["aktualizr-lite"])
     run = register(device_root, registration_server, fakes, systemd)
     assert run.returncode == 7
     out = run.json
-    assert out["services"] == {"aktualizr-lite": "failed", "fioconfig": "started"}
+    assert out["services"] == {"aktualizr-lite": "failed: aktualizr-lite is not-found",
+                               "fioconfig": "queued"}
     assert out["result"] == "registered" and out["error"]["kind"] == "post-step"
     assert "could not start aktualizr-lite" in out["error"]["message"]
-    assert "Unit not found" in run.stderr
-    assert commands(fakes)[1:] == [["systemctl", "start", "aktualizr-lite"],
-                                   ["systemctl", "start", "fioconfig"]]
+    # No start asked of a unit that does not exist; the next one is still queued.
+    assert commands(fakes)[2:] == [show("aktualizr-lite"), *queue("fioconfig")]
     assert (device_root.sota / "sota.toml").is_file()
+
+
+def test_start_that_cannot_be_queued_exits_7(live_root, device_root, registration_server,
+                                             fakes, systemd):
+    fakes.set("systemctl", active=["fioconfig"], when={"aktualizr-lite": {
+        "exit": 1, "stderr": "Failed to start aktualizr-lite.service: Access denied\n"}})
+    run = register(device_root, registration_server, fakes, systemd)
+    assert run.returncode == 7
+    assert run.json["services"] == {
+        "aktualizr-lite": "failed: Failed to start aktualizr-lite.service: Access denied",
+        "fioconfig": "started",  # running already: nothing to queue
+    }
+    assert commands(fakes)[2:] == [*queue("aktualizr-lite"), show("fioconfig")]
 
 
 def test_no_start(live_root, device_root, registration_server, fakes, systemd):
@@ -170,27 +206,39 @@ def test_no_start(live_root, device_root, registration_server, fakes, systemd):
     assert run.json["fioconfig"] == "ok"
 
 
-def test_poweroff_is_the_last_step(live_root, device_root, registration_server, fakes,
-                                   systemd):
-    run = register(device_root, registration_server, fakes, systemd, "--poweroff")
-    assert run.returncode == 0, run.stderr
-    assert run.json["result"] == "registered" and run.json["exit_code"] == 0
-    assert run.json["services"] == {"aktualizr-lite": "started", "fioconfig": "started",
-                                    "poweroff": "requested"}
+def test_poweroff_comes_after_the_result_is_out(live_root, device_root, registration_server,
+                                                fakes, systemd, tmp_path):
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    seen = {str(out): str(tmp_path / "stdout-at-poweroff"),
+            str(err): str(tmp_path / "stderr-at-poweroff")}
+    fakes.set("systemctl", when={"poweroff": {"copy": seen}})
+    with out.open("w") as stdout, err.open("w") as stderr:
+        code = subprocess.run(
+            [sys.executable, "-m", "lmp_autoreg",
+             *live_device_args(device_root, registration_server, "--json", "--poweroff")],
+            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+            env=fakes.environ(**systemd), timeout=60).returncode
+    assert code == 0, err.read_text()
     assert commands(fakes)[-1] == ["systemctl", "poweroff"]
-    assert run.stderr.index("done: registered") > run.stderr.index("powering off")
+    # What a jig or the journal keeps was written and flushed when the poweroff was asked.
+    result = json.loads((tmp_path / "stdout-at-poweroff").read_text())
+    assert result["result"] == "registered" and result["exit_code"] == 0
+    assert result["services"] == {"aktualizr-lite": "queued", "fioconfig": "queued",
+                                  "poweroff": "requested"}
+    said = (tmp_path / "stderr-at-poweroff").read_text()
+    assert f"done: registered {result['uuid']}" in said and "powering off" in said
 
 
-def test_refused_poweroff_exits_7_and_the_json_says_so(live_root, device_root,
-                                                       registration_server, fakes, systemd):
+def test_refused_poweroff_is_still_reported(live_root, device_root, registration_server,
+                                            fakes, systemd):
     fakes.set("systemctl", when={"poweroff": {"exit": 1, "stderr": "Access denied\n"}})
     run = register(device_root, registration_server, fakes, systemd, "--poweroff", "--no-start")
     assert run.returncode == 7
-    assert run.json["result"] == "registered" and run.json["exit_code"] == 7
-    assert run.json["services"] == {"poweroff": "failed"}
-    assert run.json["error"]["kind"] == "post-step"
-    assert "the poweroff was refused" in run.json["error"]["message"]
-    assert "Access denied" in run.stderr
+    # The JSON was out before the poweroff was asked for; the refusal is the last line.
+    assert run.json["result"] == "registered" and run.json["services"] == {"poweroff": "requested"}
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == "lmp-device-auto-register: error: registered, but the poweroff was refused"
+    assert "the poweroff was refused: Access denied" in run.stderr
 
 
 def test_no_poweroff_after_a_failure(live_root, device_root, registration_server, fakes,
@@ -221,6 +269,29 @@ def test_without_systemd_services_are_skipped(live_root, device_root, registrati
     assert "systemd is not running: not powering off" in run.stderr
     assert fakes.calls("systemctl") == []
     assert run.json["fioconfig"] == "ok"  # the check-in does not need systemd
+
+
+def test_checkin_without_systemd_creates_secrets_dir_and_maps_123(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    secrets = tmp_path / "run" / "secrets"
+    fakes.set("fioconfig", exit=123, stderr="level=ERROR msg=\"on-change handler failed\"\n")
+    run = register(device_root, registration_server, fakes,
+                   {**no_systemd, "SECRETS_DIR": str(secrets)}, "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == ('failed: a handler failed (exit status 123): '
+                                     'level=ERROR msg="on-change handler failed"')
+    assert secrets.is_dir()  # made before fioconfig ran, which needs it
+    [checkin] = fakes.calls("fioconfig")
+    assert checkin.env["SECRETS_DIR"] == str(secrets) and fakes.calls("systemd-run") == []
+
+
+def test_fioconfig_environment_takes_its_default_file():
+    env = fioconfig_environment({"PATH": "/bin", "SOTA_DIR": "/x", "CONFIG_URL": "a"},
+                                {"CONFIG_URL": "b", "SECRETS_DIR": "/run/s"})
+    assert env == {"PATH": "/bin", "CONFIG_URL": "b", "SECRETS_DIR": "/run/s"}
+    assert checkin_outcome(0, "") == "ok"
+    assert checkin_outcome(1, "a\nlast words\n\n") == "failed: exit status 1: last words"
 
 
 def test_sysroot_skips_every_post_step(device_root, registration_server, fakes, systemd):

@@ -46,6 +46,16 @@ def test_cli_beats_env_beats_defaults_file_beats_device(fake_device, flag, env, 
     assert getattr(resolve(cli, from_env), attr) == "http://localhost/from-cli/"
 
 
+def test_a_drop_ins_environment_beats_the_default_file(fake_device):
+    # The unit has no EnvironmentFile=: a drop-in's Environment= reaches the agent as its
+    # environment, which beats what the image's default file says (docs/adopting.md).
+    write(DEFAULTS, "START_SERVICES=aktualizr-lite\nFIOCONFIG=off\nRESTORABLE_APPS=app1\n")
+    s = resolve({}, {})
+    assert (s.start, s.fioconfig, s.restorable_apps) == (("aktualizr-lite",), "off", "app1")
+    s = resolve({}, {"START_SERVICES": "fioconfig", "FIOCONFIG": "on", "RESTORABLE_APPS": ""})
+    assert (s.start, s.fioconfig, s.restorable_apps) == (("fioconfig",), "on", "")
+
+
 def test_tag_from_sota_tag_then_os_release(fake_device):
     write("/etc/sota/tag", "devel\nignored second line\n")
     assert resolve({}, {}).tag == "devel"
@@ -111,6 +121,18 @@ def test_apps_sources(fake_device):
             entry.unlink()
         Path("/var/sota/compose-apps", app).rmdir()
     assert resolve({}, {}).apps is None  # no apps found: all apps
+
+
+def test_restorable_apps_sources(fake_device):
+    Path("/var/sota/reset-apps").mkdir()  # changes nothing
+    assert resolve({}, {}).restorable_apps == " "  # on, every app: the tool's -A default
+    assert resolve({"restorable_apps": "a, b"}, {}).restorable_apps == "a,b"
+    assert resolve({"restorable_apps": ""}, {"RESTORABLE_APPS": "a"}).restorable_apps == ""
+    assert resolve({}, {"RESTORABLE_APPS": ""}).restorable_apps == ""  # set but empty: off
+    assert resolve({}, {"RESTORABLE_APPS": "c"}).restorable_apps == "c"
+    assert resolve({"restorable_apps": " , "}, {}).restorable_apps == " "  # no names: on
+    write("/etc/default/lmp-device-auto-register", "RESTORABLE_APPS=\n")
+    assert resolve({}, {}).restorable_apps == ""
 
 
 def test_token_sources(fake_device):
