@@ -4,7 +4,6 @@ fake fioconfig/systemctl executables on PATH that record how they were run."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
