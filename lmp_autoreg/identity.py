@@ -51,10 +51,7 @@ def key_to_pem(key: PrivateKey) -> bytes:
         point.x.to_bytes(32, "big"),
         point.y.to_bytes(32, "big"),
     ))
-    text = base64.b64encode(der).decode()
-    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
-    return ("-----BEGIN PRIVATE KEY-----\n" + "\n".join(lines)
-            + "\n-----END PRIVATE KEY-----\n").encode()
+    return pem("PRIVATE KEY", der).encode()
 
 
 def key_from_pem(pem: bytes) -> PrivateKey:
@@ -86,14 +83,19 @@ class DeviceKey(NamedTuple):
         return "DeviceKey(<private>)"
 
 
-def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
-    """A CSR as the device gateway expects it (SPEC section 2), PEM text."""
+def csr_subject(uuid: str, factory: str, production: bool) -> x509.Name:
+    """The CSR's subject (SPEC section 2): CN=uuid, OU=factory[, businessCategory]."""
     subject = [
         x509.NameAttribute(NameOID.COMMON_NAME, uuid),
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, factory),
     ]
     if production:
         subject.append(x509.NameAttribute(NameOID.BUSINESS_CATEGORY, "production"))
+    return x509.Name(subject)
+
+
+def csr_extensions() -> list[x509.ExtensionType]:
+    """The CSR's extensions, both critical: digitalSignature, clientAuth."""
     usage = x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
@@ -105,20 +107,35 @@ def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
         encipher_only=False,
         decipher_only=False,
     )
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name(subject))
-        .add_extension(usage, critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
-        .sign(key, hashes.SHA256())
+    return [usage, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]
+
+
+def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
+    """A CSR as the device gateway expects it (SPEC section 2), PEM text."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        csr_subject(uuid, factory, production)
     )
+    for extension in csr_extensions():
+        builder = builder.add_extension(extension, critical=True)
+    csr = builder.sign(key, hashes.SHA256())
     return csr.public_bytes(Encoding.PEM).decode()
+
+
+def pem(kind: str, der: bytes) -> str:
+    """``der`` armoured as PEM of type ``kind`` (``CERTIFICATE REQUEST``, ...)."""
+    text = base64.b64encode(der).decode()
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    return f"-----BEGIN {kind}-----\n" + "\n".join(lines) + f"\n-----END {kind}-----\n"
 
 
 def load_certificate(pem: str | bytes) -> x509.Certificate:
     """Parse one PEM certificate; ValueError when it is not one."""
     data = pem.encode() if isinstance(pem, str) else pem
     return x509.load_pem_x509_certificate(data)
+
+
+def certificate_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
 
 
 def same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:

@@ -18,6 +18,8 @@ from .paths import REGISTRATION_FILES
 from .util import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
     from .identity import DeviceKey
 
 LOG = logging.getLogger(__name__)
@@ -38,12 +40,19 @@ class PlannedFile(NamedTuple):
 
 
 def verify_answer(
-    files: dict[str, str], *, uuid: str, key: "DeviceKey | None"
+    files: dict[str, str],
+    *,
+    uuid: str,
+    key: "DeviceKey | None",
+    token_key: "EllipticCurvePublicKey | None" = None,
+    p11: str | None = None,
 ) -> list[PlannedFile]:
     """Check a 201 answer against the device's identity; return the install plan.
 
-    ``key`` is the device key (None in HSM mode: the key stays in the module and no
-    ``pkey.pem`` is written). The plan ends with ``sota.toml``.
+    ``key`` is the device key. In HSM mode it is None (the key stays on the token and no
+    ``pkey.pem`` is written); ``token_key`` is then the token key's public half, and
+    ``p11`` the ``[p11]`` section appended to ``sota.toml``, which, holding the PIN, is
+    0600. The plan ends with ``sota.toml``.
     """
     from . import identity  # cryptography is needed only once there is an answer
 
@@ -68,6 +77,8 @@ def verify_answer(
         )
     if key is not None and not identity.same_public_key(cert, key.key):
         raise BadAnswer("client.pem certifies another key than this device's")
+    if token_key is not None and cert.public_key() != token_key:
+        raise BadAnswer("client.pem certifies another key than the one on the token")
     try:
         identity.load_certificate(files["root.crt"])
     except ValueError as e:
@@ -78,9 +89,14 @@ def verify_answer(
     if not files["sota.toml"].strip():
         raise BadAnswer("sota.toml is empty")
     try:
-        tomllib.loads(files["sota.toml"])
+        config = tomllib.loads(files["sota.toml"])
     except tomllib.TOMLDecodeError as e:
         raise BadAnswer(f"sota.toml is not valid TOML: {e}") from e
+    sota_toml, sota_mode = files["sota.toml"], FILE_MODE
+    if p11 is not None:
+        if "p11" in config:
+            raise BadAnswer("sota.toml has a [p11] section already: the device writes it")
+        sota_toml, sota_mode = sota_toml.rstrip("\n") + "\n\n" + p11, KEY_MODE
 
     plan = []
     if key is not None:
@@ -88,7 +104,7 @@ def verify_answer(
     for name in sorted(files):
         if name != "sota.toml":
             plan.append(PlannedFile(name, files[name].encode(), FILE_MODE))
-    plan.append(PlannedFile("sota.toml", files["sota.toml"].encode(), FILE_MODE))
+    plan.append(PlannedFile("sota.toml", sota_toml.encode(), sota_mode))
     return plan
 
 
@@ -98,7 +114,7 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
     Files that existed before are restored on failure, so nothing is lost. Raises
     ``LocalFailure`` naming the path that failed.
     """
-    previous: dict[Path, bytes | None] = {}
+    previous: dict[Path, tuple[bytes, int] | None] = {}
     written: list[Path] = []
     path = sota
     try:
@@ -143,22 +159,24 @@ def _check_nothing_in_the_way(sota: Path, plan: list[PlannedFile]) -> None:
                                "way; nothing was installed")
 
 
-def _read_or_none(path: Path) -> bytes | None:
+def _read_or_none(path: Path) -> tuple[bytes, int] | None:
+    """The file's bytes and its mode (an HSM's sota.toml holds the PIN: 0600 stays)."""
     try:
-        return path.read_bytes()
+        return path.read_bytes(), path.stat().st_mode & 0o777
     except FileNotFoundError:
         return None
 
 
-def _restore(previous: dict[Path, bytes | None]) -> list[str]:
+def _restore(previous: dict[Path, tuple[bytes, int] | None]) -> list[str]:
     """Put back what ``install`` found; best effort. Return the names it could not."""
     stuck = []
-    for path, data in reversed(previous.items()):
+    for path, before in reversed(previous.items()):
         try:
-            if data is None:
+            if before is None:
                 path.unlink(missing_ok=True)
             else:
-                write_atomic(path, data, FILE_MODE if path.name != "pkey.pem" else KEY_MODE)
+                data, mode = before
+                write_atomic(path, data, KEY_MODE if path.name == "pkey.pem" else mode)
         except OSError as e:
             LOG.error("could not roll back %s: %s", path, e.strerror or e)
             stuck.append(path.name)

@@ -23,6 +23,8 @@ from .settings import Settings
 from .state import Identity, State, check_aklite
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
     from .identity import DeviceKey
 from .util import random_uuid
 
@@ -95,10 +97,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
     if not force:
         guard.check_not_registered(paths.sota, str(paths.sota_device))
     if settings.hsm is not None and settings.backend == "native":
-        raise ConfigError(
-            f"an HSM is configured ({settings.hsm.module}): the native backend makes file "
-            "keys only; use --backend lmp-device-register"
-        )
+        _check_pkcs11()
 
     result = _describe(settings, settings.uuid)
     try:
@@ -114,6 +113,16 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
     except AutoregError as e:
         e.result = result
         raise
+
+
+def _check_pkcs11() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pkcs11") is None:
+        raise ConfigError(
+            "an HSM is configured, but python-pkcs11 is not installed: install "
+            "lmp-autoreg[hsm] (python3-python-pkcs11), or use --backend lmp-device-register"
+        )
 
 
 def _set_uuid(result: Result, settings: Settings, uuid: str) -> None:
@@ -179,8 +188,14 @@ def _register(
         LOG.warning("an earlier run was interrupted while installing the answer for %s: "
                     "completing it", journal.uuid)
         try:
-            key = identity.DeviceKey.from_pem(journal.key_pem) if journal.key_pem else None
-            plan = install.verify_answer(journal.files, uuid=journal.uuid, key=key)
+            if settings.hsm is not None and settings.backend == "native":
+                plan = _verify_hsm_answer(settings, journal.files, journal.uuid)
+            else:
+                pem = journal.key_pem
+                plan = install.verify_answer(
+                    journal.files, uuid=journal.uuid,
+                    key=identity.DeviceKey.from_pem(pem) if pem else None,
+                )
         except (BadAnswer, ValueError) as e:  # ValueError: an unreadable key
             LOG.warning("the interrupted install cannot be completed: %s", e)
             state.abandon("asking the server again", keep_identity=True)
@@ -189,12 +204,17 @@ def _register(
 
     if settings.backend == "lmp-device-register":
         return _register_with_tool(settings, state, result, deadline, force=force)
-    ident, key = _take_identity(settings, state)
+    key: DeviceKey | None = None
+    token_key: EllipticCurvePublicKey | None = None
+    if settings.hsm is not None:
+        ident, csr, token_key = _take_hsm_identity(settings, state, force=force)
+    else:
+        ident, key = _take_identity(settings, state)
+        csr = identity.make_csr(key.key, ident.uuid, settings.factory, settings.production)
     uuid = ident.uuid
     _set_uuid(result, settings, uuid)
     LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
     preflight.warn(token_file=settings.token_place, production=settings.production)
-    csr = identity.make_csr(key.key, uuid, settings.factory, settings.production)
     body = client.request_body(
         settings, uuid=uuid, csr=csr, reset_apps_dir=paths.reset_apps.is_dir()
     )
@@ -205,6 +225,11 @@ def _register(
     def attempt(budget: float) -> tuple[dict[str, str], list[PlannedFile]]:
         files = http.post(body, timeout=budget)
         LOG.info("the server answered with %s; verifying", ", ".join(sorted(files)))
+        if settings.hsm is not None:
+            from .hsm import p11_section
+
+            return files, install.verify_answer(files, uuid=uuid, key=None, token_key=token_key,
+                                                p11=p11_section(settings.hsm))
         return files, install.verify_answer(files, uuid=uuid, key=key)
 
     what = f"sending the registration request to {settings.device_api}"
@@ -212,6 +237,7 @@ def _register(
     try:
         files, plan = retry(attempt, deadline, what=what)
     except ServerRefused as e:
+        _drop_unused_token_key(settings, force=force)
         if e.status == 409 and ident.reused:
             raise ServerRefused(
                 f"{e} (uuid {uuid} is the identity of an interrupted attempt, which the "
@@ -220,9 +246,12 @@ def _register(
                 e.status,
             ) from e
         raise
+    except AutoregError:
+        _drop_unused_token_key(settings, force=force)
+        raise
     finally:
         http.close()
-    state.save_journal(uuid, key.pem, files)
+    state.save_journal(uuid, key.pem if key is not None else None, files)
     return _install(settings, state, result, files, plan)
 
 
@@ -265,6 +294,88 @@ def _take_identity(settings: Settings, state: State) -> "tuple[Identity, DeviceK
         return ident, generated[-1]
 
 
+def _take_hsm_identity(
+    settings: Settings, state: State, *, force: bool
+) -> "tuple[Identity, str, EllipticCurvePublicKey]":
+    """HSM mode: the identity, its key on the token (reused or generated there) and the
+    CSR the token signed, with the key's public half.
+
+    The key of the pending identity is reused while it is on the token: a retry, a kill
+    after the key was made, or the next boot never makes a second ``tls`` key. A ``tls``
+    key that no pending attempt made belongs to a registration (whose files may be gone):
+    only ``--force`` replaces it, and only once the new certificate is verified (the new
+    key is ``tls-next`` until then, ``hsm.TokenKey.promote``).
+    """
+    from . import hsm
+
+    assert settings.hsm is not None
+    pending = state.peek_identity()
+    ours = pending is not None and pending.on_token
+    same = ours and pending is not None and settings.uuid in (None, pending.uuid)
+    with hsm.open_token(settings.hsm) as token:
+        reused = token.pending_label() if same else None
+        new = reused is None
+        label = reused or hsm.KEY_LABEL
+        if new:
+            if token.has_key(hsm.KEY_LABEL) and not ours:
+                if not force:
+                    raise LocalFailure(
+                        f"the token {hsm.TOKEN_LABEL} already holds a {hsm.KEY_LABEL!r} key "
+                        "that no interrupted attempt made (an earlier registration's?): "
+                        "run with --force to replace it and its certificate"
+                    )
+                label = hsm.NEXT_LABEL
+        ident = state.take_identity(settings.uuid, None, on_token=True)
+        if new:
+            if label == hsm.KEY_LABEL:
+                token.remove_key(hsm.NEXT_LABEL)
+            token.generate(label)
+        else:
+            LOG.info("reusing the key %r on the token %s", label, hsm.TOKEN_LABEL)
+        csr = token.make_csr(label, ident.uuid, settings.factory, settings.production)
+        return ident, csr, token.public_key(label)
+
+
+def _drop_unused_token_key(settings: Settings, *, force: bool) -> None:
+    """A failed ``--force`` leaves the token as it found it: its new key goes (a next
+    ``--force`` starts afresh anyway), the old key and certificate stay."""
+    if settings.hsm is None or not force or settings.backend != "native":
+        return
+    from . import hsm
+
+    try:
+        with hsm.open_token(settings.hsm) as token:
+            token.remove_key(hsm.NEXT_LABEL)
+    except AutoregError as e:
+        LOG.warning("cannot remove the unused key %r from the token: %s", hsm.NEXT_LABEL, e)
+
+
+def _verify_hsm_answer(settings: Settings, files: dict[str, str], uuid: str) -> list[PlannedFile]:
+    """Verify a journaled answer against the key on the token."""
+    from . import hsm, install
+
+    assert settings.hsm is not None
+    with hsm.open_token(settings.hsm) as token:
+        label = token.pending_label()
+        if label is None:
+            raise BadAnswer(f"the token {hsm.TOKEN_LABEL} holds no key for it")
+        public = token.public_key(label)
+    return install.verify_answer(files, uuid=uuid, key=None, token_key=public,
+                                 p11=hsm.p11_section(settings.hsm))
+
+
+def _store_on_token(settings: Settings, cert_pem: str) -> None:
+    """HSM mode, the answer verified: the new key becomes ``tls`` (``--force``), and the
+    certificate is stored on the token, before any file is written."""
+    from . import hsm, identity
+
+    assert settings.hsm is not None
+    cert = identity.load_certificate(cert_pem)
+    with hsm.open_token(settings.hsm) as token:
+        token.promote()
+        token.store_certificate(identity.certificate_der(cert), cert.subject.public_bytes())
+
+
 def _remove_previous(paths: DevicePaths, keep: frozenset[str]) -> None:
     removed = remove_registration(paths.sota, keep)
     if removed:
@@ -283,6 +394,8 @@ def _install(
     # completed from the journal) goes first: sota.toml, written last, must not appear
     # beside the old sql.db.
     _remove_previous(paths, frozenset(names))
+    if settings.hsm is not None and settings.backend == "native":
+        _store_on_token(settings, files["client.pem"])
     try:
         install.install(paths.sota, plan)
     except LocalFailure:

@@ -3,9 +3,10 @@
 - ``lock``: an exclusive ``flock`` held for the whole registration, the holder's pid in it.
   A second run (the unit and a jig at once) fails at once, naming that pid.
 - ``identity.json`` (0600): the *pending identity*, the uuid and private key of an attempt
-  not yet installed. It is saved before the first request, so that a retry, a crash, a
-  power cut or the next run use the same identity and the server sees one device. It is
-  removed after a successful install; ``--force`` or another ``--uuid`` drop it.
+  not yet installed (in HSM mode: that its key is on the token, ``hsm``). It is saved
+  before the first request, so that a retry, a crash, a power cut or the next run use the
+  same identity and the server sees one device. It is removed after a successful install;
+  ``--force`` or another ``--uuid`` drop it.
 - ``install.json`` (0600): the *install journal*, the server's verified answer (and the
   key), saved before the first file is installed and removed once ``sota.toml`` is in
   place. While it exists the device is not registered (``guard.is_registered``), and the
@@ -43,11 +44,13 @@ TEMP_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]*\.tmp-[0-9]+")
 
 
 class Identity(NamedTuple):
-    """A device identity: its uuid and (native backend) its private key, PEM."""
+    """A device identity: its uuid and (native backend) its private key, PEM, or
+    ``on_token``: its key is on the PKCS#11 token (``hsm``)."""
 
     uuid: str
     key_pem: bytes | None
     reused: bool = False  # True when it comes from an interrupted attempt
+    on_token: bool = False
 
     def __repr__(self) -> str:
         return redacted_repr(self, ("key_pem",))
@@ -87,7 +90,8 @@ class State:
         data = self._load(IDENTITY)
         if data is None:
             return None
-        return Identity(data["uuid"], _key(data), reused=True)
+        return Identity(data["uuid"], _key(data), reused=True,
+                        on_token=data.get("on_token") is True)
 
     def load_journal(self) -> Journal | None:
         data = self._load(JOURNAL)
@@ -162,26 +166,36 @@ class State:
     # -- writing, with the lock held ------------------------------------------------------
 
     def take_identity(
-        self, requested: str | None, new_key: Callable[[], bytes] | None
+        self, requested: str | None, new_key: Callable[[], bytes] | None,
+        *, on_token: bool = False,
     ) -> Identity:
         """The identity for this attempt, saved before it is used.
 
         The pending identity, unless ``requested`` (an explicit uuid) differs; else a new
         one: ``requested`` or a random uuid, with ``new_key()`` (None: the backend keeps
-        the key itself, as lmp-device-register and an HSM do).
+        the key itself, as lmp-device-register and an HSM do). ``on_token``: the key is
+        (about to be) on the PKCS#11 token; the saved identity says so.
         """
         pending = self.peek_identity()
         if pending is not None and requested in (None, pending.uuid):
             LOG.info("reusing the identity of an interrupted attempt: %s", pending.uuid)
-            if pending.key_pem is not None or new_key is None:
+            if on_token:
+                if pending.on_token:
+                    return pending
+                identity = Identity(pending.uuid, None, reused=True, on_token=True)
+            elif pending.key_pem is not None or new_key is None:
                 return pending
-            identity = Identity(pending.uuid, new_key(), reused=True)
+            else:
+                identity = Identity(pending.uuid, new_key(), reused=True)
         else:
             if pending is not None:
                 LOG.info("--uuid %s: dropping the pending identity %s", requested, pending.uuid)
             key = new_key() if new_key is not None else None
-            identity = Identity(requested or random_uuid(), key)
-        self._write(IDENTITY, {"uuid": identity.uuid, "key": _text(identity.key_pem)})
+            identity = Identity(requested or random_uuid(), key, on_token=on_token)
+        data: dict[str, object] = {"uuid": identity.uuid, "key": _text(identity.key_pem)}
+        if identity.on_token:
+            data["on_token"] = True
+        self._write(IDENTITY, data)
         return identity
 
     def save_journal(self, uuid: str, key_pem: bytes | None, files: dict[str, str]) -> None:

@@ -203,7 +203,9 @@ def sota_toml(body: Mapping[str, Any]) -> str:
         sections.setdefault(section, {}).update(values)
     parts = []
     for section, values in sections.items():
-        lines = [f"[{section}]", *(f"{key} = {value}" for key, value in values.items())]
+        lines = [f"[{section}]"]
+        for key, value in values.items():
+            lines.append(f"{key} = {value}" if value else f"# {key} is not set")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 

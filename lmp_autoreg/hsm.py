@@ -1,0 +1,303 @@
+"""The device key on a PKCS#11 token (HSM mode, SPEC sections 2 and 4).
+
+Laid out as ``lmp-device-register`` lays it out, so that aktualizr-lite and fioconfig find
+it: the token labelled ``aktualizr``; an EC P-256 key pair labelled ``tls`` with id ``01``,
+generated on the token, its private half sensitive and never extractable; the issued
+certificate stored on the token as ``client``, id ``03``.
+
+One object more than the C++ tool: ``--force`` generates the new key pair as ``tls-next``
+(id ``02``) and keeps the old ``tls`` pair until the new certificate is verified, so that a
+failed ``--force`` leaves the old registration working. ``promote`` then swaps them; a
+crash in between is harmless, since the pending key is ``tls-next`` while it exists and
+``tls`` after (``pending_label``).
+
+The CSR is signed on the token: ``cryptography`` signs only with keys it holds, so this
+module builds the ``CertificationRequestInfo`` (RFC 2986) itself, from the subject and the
+extensions ``identity`` defines, and has the token sign its SHA-256 digest.
+
+Importing this module imports ``python-pkcs11`` (the ``hsm`` extra): only HSM mode does.
+"""
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pkcs11
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.exceptions import (
+    NoSuchToken,
+    PinExpired,
+    PinIncorrect,
+    PinInvalid,
+    PinLenRange,
+    PinLocked,
+    PKCS11Error,
+)
+
+from . import identity
+from .errors import ConfigError, LocalFailure
+from .settings import Hsm
+
+LOG = logging.getLogger(__name__)
+
+TOKEN_LABEL = "aktualizr"
+KEY_LABEL, KEY_ID = "tls", b"\x01"
+NEXT_LABEL, NEXT_ID = "tls-next", b"\x02"  # --force: the new key until it is certified
+CERT_LABEL, CERT_ID = "client", b"\x03"
+# What sota.toml's [p11] section names, as the C++ tool writes it.
+P11_KEY_ID, P11_CERT_ID = "01", "03"
+
+_P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # namedCurve prime256v1
+_EXTENSION_REQUEST = bytes.fromhex("06092a864886f70d01090e")  # 1.2.840.113549.1.9.14
+_ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")  # AlgorithmIdentifier
+
+
+def init_hint(module: str) -> str:
+    """How a person initialises the token (this agent cannot: python-pkcs11 has no
+    C_InitToken). Both commands ask for the PINs instead of taking them on argv."""
+    return (
+        f"initialise it first, e.g. `softhsm2-util --init-token --free --label {TOKEN_LABEL}` "
+        f"(SoftHSM) or `pkcs11-tool --module {module} --init-token --init-pin "
+        f"--label {TOKEN_LABEL} --login`"
+    )
+
+
+def p11_section(hsm: Hsm) -> str:
+    """sota.toml's ``[p11]`` section, as the C++ tool writes it (the PIN is in it)."""
+    return (
+        "[p11]\n"
+        f"module = {json.dumps(hsm.module)}\n"
+        f"pass = {json.dumps(hsm.pin)}\n"
+        f'tls_pkey_id = "{P11_KEY_ID}"\n'
+        f'tls_clientcert_id = "{P11_CERT_ID}"\n'
+    )
+
+
+def _load(module: str) -> Any:
+    try:
+        return pkcs11.lib(module)
+    except (PKCS11Error, OSError, RuntimeError) as e:
+        raise ConfigError(f"the PKCS#11 module {module} does not load: {e}") from e
+
+
+def find_token(hsm: Hsm) -> "pkcs11.Token":
+    """The ``aktualizr`` token of the module, or ConfigError saying how to make it."""
+    lib = _load(hsm.module)
+    try:
+        return lib.get_token(token_label=TOKEN_LABEL)
+    except NoSuchToken:
+        raise ConfigError(
+            f"the PKCS#11 module {hsm.module} has no token labelled {TOKEN_LABEL!r}: "
+            + init_hint(hsm.module)
+        ) from None
+    except PKCS11Error as e:
+        raise LocalFailure(f"cannot list the tokens of {hsm.module}: {_why(e)}") from e
+
+
+def _why(error: PKCS11Error) -> str:
+    return str(error) or type(error).__name__
+
+
+class TokenKey:
+    """A logged-in, read-write session on the ``aktualizr`` token; use ``open``."""
+
+    def __init__(self, session: "pkcs11.Session", module: str) -> None:
+        self.session = session
+        self.module = module
+
+    # -- finding and making keys ----------------------------------------------------------
+
+    def _objects(self, object_class: ObjectClass, label: str) -> list:
+        return list(self.session.get_objects({Attribute.CLASS: object_class,
+                                              Attribute.LABEL: label}))
+
+    def has_key(self, label: str) -> bool:
+        return bool(self._objects(ObjectClass.PRIVATE_KEY, label))
+
+    def pending_label(self) -> str | None:
+        """The label of the key an unfinished attempt made: ``tls-next`` while it exists
+        (a ``--force`` not yet promoted), else ``tls``; None when neither exists."""
+        for label in (NEXT_LABEL, KEY_LABEL):
+            if self.has_key(label):
+                return label
+        return None
+
+    def remove_key(self, label: str) -> None:
+        for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            for obj in self._objects(object_class, label):
+                obj.destroy()
+
+    def generate(self, label: str) -> None:
+        """A new P-256 pair on the token as ``label`` (any older one of that label goes)."""
+        self.remove_key(label)
+        key_id = KEY_ID if label == KEY_LABEL else NEXT_ID
+        params = self.session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: _P256_PARAMS}, local=True
+        )
+        params.generate_keypair(
+            store=True,
+            label=label,
+            id=key_id,
+            public_template={Attribute.VERIFY: True, Attribute.PRIVATE: False},
+            private_template={
+                Attribute.SIGN: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.PRIVATE: True,
+            },
+        )
+        LOG.info("generated the device key on the token %s as %r", TOKEN_LABEL, label)
+
+    def public_key(self, label: str) -> ec.EllipticCurvePublicKey:
+        keys = self._objects(ObjectClass.PUBLIC_KEY, label)
+        if len(keys) != 1:
+            raise LocalFailure(f"the token {TOKEN_LABEL} holds {len(keys)} public keys "
+                               f"labelled {label!r}, not one")
+        point = bytes(keys[0][Attribute.EC_POINT])
+        if len(point) == 67 and point[:2] == b"\x04\x41":  # DER OCTET STRING around it
+            point = point[2:]
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+
+    def sign(self, label: str, data: bytes) -> bytes:
+        """An ECDSA/SHA-256 signature of ``data`` by the token, DER (X9.62)."""
+        (key,) = self._objects(ObjectClass.PRIVATE_KEY, label)
+        raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+        half = len(raw) // 2
+        return encode_dss_signature(int.from_bytes(raw[:half], "big"),
+                                    int.from_bytes(raw[half:], "big"))
+
+    def make_csr(self, label: str, uuid: str, factory: str, production: bool) -> str:
+        """The CSR of SPEC section 2 for the token key ``label``, signed by the token."""
+        info = certification_request_info(
+            identity.csr_subject(uuid, factory, production).public_bytes(),
+            self.public_key(label).public_bytes(Encoding.DER,
+                                                PublicFormat.SubjectPublicKeyInfo),
+            [(ext.oid.dotted_string, ext.public_bytes()) for ext in identity.csr_extensions()],
+        )
+        signature = self.sign(label, info)
+        der = _tlv(0x30, info + _ECDSA_SHA256 + _tlv(0x03, b"\x00" + signature))
+        return identity.pem("CERTIFICATE REQUEST", der)
+
+    # -- the certificate, and the swap ----------------------------------------------------
+
+    def promote(self) -> None:
+        """Make ``tls-next`` the device key: the old ``tls`` pair goes, the new one takes
+        its label and id. Without a ``tls-next`` (no ``--force``) nothing changes."""
+        new = [*self._objects(ObjectClass.PRIVATE_KEY, NEXT_LABEL),
+               *self._objects(ObjectClass.PUBLIC_KEY, NEXT_LABEL)]
+        if not new:
+            return
+        self.remove_key(KEY_LABEL)
+        for obj in new:
+            obj[Attribute.ID] = KEY_ID
+            obj[Attribute.LABEL] = KEY_LABEL
+        LOG.info("the new key replaced the old one on the token %s", TOKEN_LABEL)
+
+    def store_certificate(self, der: bytes, subject: bytes) -> None:
+        """Store the issued certificate as ``client`` (id 03), replacing an older one."""
+        for obj in self._objects(ObjectClass.CERTIFICATE, CERT_LABEL):
+            obj.destroy()
+        self.session.create_object({
+            Attribute.CLASS: ObjectClass.CERTIFICATE,
+            Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.LABEL: CERT_LABEL,
+            Attribute.ID: CERT_ID,
+            Attribute.SUBJECT: subject,
+            Attribute.VALUE: der,
+        })
+        LOG.info("stored the certificate on the token %s as %r", TOKEN_LABEL, CERT_LABEL)
+
+    def counts(self) -> dict[str, int]:
+        """How many private keys, public keys and certificates each of our labels has."""
+        found: dict[str, int] = {}
+        for obj in self.session.get_objects():
+            name = f"{obj[Attribute.CLASS].name.lower()}:{obj[Attribute.LABEL]}"
+            found[name] = found.get(name, 0) + 1
+        return found
+
+
+@contextmanager
+def open_token(hsm: Hsm) -> Iterator[TokenKey]:
+    """A ``TokenKey`` logged in with the user PIN; ConfigError when the module does not
+    load, the token is missing or it refuses the PIN; LocalFailure for the rest."""
+    token = find_token(hsm)
+    if not token.flags & pkcs11.TokenFlag.USER_PIN_INITIALIZED:
+        _init_user_pin(token, hsm)
+    try:
+        session = token.open(rw=True, user_pin=hsm.pin)
+    except (PinIncorrect, PinInvalid, PinLenRange) as e:
+        raise ConfigError(f"the token {TOKEN_LABEL} refused the login ({type(e).__name__}): "
+                          "check HSM_PIN") from e
+    except (PinLocked, PinExpired) as e:
+        raise LocalFailure(f"the token {TOKEN_LABEL} refused the login: its user PIN is "
+                           f"{'locked' if isinstance(e, PinLocked) else 'expired'}") from e
+    except PKCS11Error as e:
+        raise LocalFailure(f"cannot open the token {TOKEN_LABEL}: {_why(e)}") from e
+    try:
+        yield TokenKey(session, hsm.module)
+    except PKCS11Error as e:
+        raise LocalFailure(f"the token {TOKEN_LABEL} failed: {_why(e)}") from e
+    finally:
+        try:
+            session.close()
+        except PKCS11Error as e:
+            LOG.debug("closing the session on %s: %s", TOKEN_LABEL, _why(e))
+
+
+def _init_user_pin(token: "pkcs11.Token", hsm: Hsm) -> None:
+    """A token that is initialised but has no user PIN yet gets it, with the SO PIN, as
+    the C++ tool does after initialising a token."""
+    LOG.info("setting the user PIN of the token %s with the SO PIN", TOKEN_LABEL)
+    try:
+        with token.open(rw=True, so_pin=hsm.so_pin) as session:
+            session.init_pin(hsm.pin)
+    except (PinIncorrect, PinInvalid, PinLenRange) as e:
+        raise ConfigError(f"the token {TOKEN_LABEL} refused the SO login "
+                          f"({type(e).__name__}): check HSM_SOPIN") from e
+    except PKCS11Error as e:
+        raise LocalFailure(f"cannot set the user PIN of {TOKEN_LABEL}: {_why(e)}") from e
+
+
+# -- DER (X.690), just what a CertificationRequestInfo needs ------------------------------
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + body
+
+
+def _oid(dotted: str) -> bytes:
+    first, second, *rest = (int(p) for p in dotted.split("."))
+    out = bytearray((40 * first + second,))
+    for arc in rest:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return _tlv(0x06, bytes(out))
+
+
+def certification_request_info(
+    subject: bytes, spki: bytes, extensions: list[tuple[str, bytes]]
+) -> bytes:
+    """RFC 2986's CertificationRequestInfo: version 0, the subject Name (DER), the public
+    key (SubjectPublicKeyInfo DER), and one extensionRequest attribute holding
+    ``extensions`` (oid, extnValue DER), every one critical."""
+    exts = b"".join(
+        _tlv(0x30, _oid(oid) + b"\x01\x01\xff" + _tlv(0x04, value)) for oid, value in extensions
+    )
+    attribute = _tlv(0x30, _EXTENSION_REQUEST + _tlv(0x31, _tlv(0x30, exts)))
+    return _tlv(0x30, b"\x02\x01\x00" + subject + spki + _tlv(0xA0, attribute))
