@@ -43,6 +43,18 @@ print(json.dumps(found))
 """
 
 
+def _missing(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_openssl_engine() -> None:
+    """OpenSSL's PKCS#11 engine (Debian libengine-pkcs11-openssl); fails in CI if missing."""
+    if not list(Path("/usr/lib").glob("*/engines-3/pkcs11.so")):
+        _missing("OpenSSL's pkcs11 engine is missing (Debian libengine-pkcs11-openssl)")
+
+
 class SoftHsm:
     """A SoftHSM2 configuration whose tokens live under ``directory``."""
 
@@ -50,10 +62,7 @@ class SoftHsm:
         require_module("pkcs11")
         self.util = require_tool("softhsm2-util")
         if not Path(MODULE).exists():
-            message = f"SoftHSM2's module {MODULE} is missing (Debian package softhsm2)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+            _missing(f"SoftHSM2's module {MODULE} is missing (Debian package softhsm2)")
         tokens = directory / "tokens"
         tokens.mkdir(parents=True)
         self.conf = directory / "softhsm2.conf"

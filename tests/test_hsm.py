@@ -24,7 +24,7 @@ from lmp_autoreg.testing.server import RegistrationServer, Reply
 
 from conftest import device_args, require_tool, run_cli
 from pausing import AGENT, Paused
-from softhsm import MODULE, PIN, SO_PIN, SoftHsm
+from softhsm import MODULE, PIN, SO_PIN, SoftHsm, require_openssl_engine
 
 ANSWER = ["client.chained", "client.pem", "root.crt", "sota.toml"]
 
@@ -149,9 +149,7 @@ class ClientAuthServer:
 
 def test_openssl_hand_shakes_with_the_token_key(softhsm, device, server, tmp_path):
     openssl = require_tool("openssl")
-    engine = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
-    if not any(Path("/usr/lib").glob("*/engines-3/pkcs11.so")):
-        require_tool(str(engine))  # libengine-pkcs11-openssl: fails in CI, skips elsewhere
+    require_openssl_engine()
     run = run_cli(*device_args(device, server, "--json"), env=softhsm.env)
     assert run.returncode == 0, run.stderr
     sota = device.sota
