@@ -83,7 +83,7 @@ def _load(module: str) -> Any:
     try:
         return pkcs11.lib(module)
     except (PKCS11Error, OSError, RuntimeError) as e:
-        raise ConfigError(f"the PKCS#11 module {module} does not load: {e}") from e
+        raise ConfigError(f"the HSM module {module} does not load (PKCS#11): {e}") from e
 
 
 def find_token(hsm: Hsm) -> "pkcs11.Token":
