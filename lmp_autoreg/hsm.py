@@ -21,6 +21,7 @@ Importing this module imports ``python-pkcs11`` (the ``hsm`` extra): only HSM mo
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -56,6 +57,28 @@ P11_KEY_ID, P11_CERT_ID = "01", "03"
 _P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # namedCurve prime256v1
 _EXTENSION_REQUEST = bytes.fromhex("06092a864886f70d01090e")  # 1.2.840.113549.1.9.14
 _ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")  # AlgorithmIdentifier
+# A uuid in a slot's description, as the C++ tool looks for it (lower-case hex only).
+_SLOT_UUID = re.compile(r"[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12}")
+
+
+def uuid_in(descriptions: list[str]) -> str | None:
+    """The first uuid the slot descriptions carry: a secure element may name its slot
+    after the device, and the C++ tool then registers the device under that uuid."""
+    for description in descriptions:
+        found = _SLOT_UUID.search(description)
+        if found:
+            return found.group(0)
+    return None
+
+
+def slot_uuid(hsm: Hsm) -> str | None:
+    """The uuid of the module's slots (``uuid_in``); None when there is none or the slots
+    cannot be listed (then the uuid is random, as the C++ tool makes it)."""
+    try:
+        return uuid_in([slot.slot_description for slot in _load(hsm.module).get_slots()])
+    except PKCS11Error as e:
+        LOG.warning("cannot read the uuid of the PKCS#11 slots: %s", _why(e))
+        return None
 
 
 def init_hint(module: str) -> str:
@@ -64,7 +87,7 @@ def init_hint(module: str) -> str:
     return (
         f"initialise it first, e.g. `softhsm2-util --init-token --free --label {TOKEN_LABEL}` "
         f"(SoftHSM) or `pkcs11-tool --module {module} --init-token --init-pin "
-        f"--label {TOKEN_LABEL} --login`"
+        f"--label {TOKEN_LABEL} --login --login-type so`"
     )
 
 
@@ -107,9 +130,8 @@ def _why(error: PKCS11Error) -> str:
 class TokenKey:
     """A logged-in, read-write session on the ``aktualizr`` token; use ``open``."""
 
-    def __init__(self, session: "pkcs11.Session", module: str) -> None:
+    def __init__(self, session: "pkcs11.Session") -> None:
         self.session = session
-        self.module = module
 
     # -- finding and making keys ----------------------------------------------------------
 
@@ -215,13 +237,6 @@ class TokenKey:
         })
         LOG.info("stored the certificate on the token %s as %r", TOKEN_LABEL, CERT_LABEL)
 
-    def counts(self) -> dict[str, int]:
-        """How many private keys, public keys and certificates each of our labels has."""
-        found: dict[str, int] = {}
-        for obj in self.session.get_objects():
-            name = f"{obj[Attribute.CLASS].name.lower()}:{obj[Attribute.LABEL]}"
-            found[name] = found.get(name, 0) + 1
-        return found
 
 
 @contextmanager
@@ -242,7 +257,7 @@ def open_token(hsm: Hsm) -> Iterator[TokenKey]:
     except PKCS11Error as e:
         raise LocalFailure(f"cannot open the token {TOKEN_LABEL}: {_why(e)}") from e
     try:
-        yield TokenKey(session, hsm.module)
+        yield TokenKey(session)
     except PKCS11Error as e:
         raise LocalFailure(f"the token {TOKEN_LABEL} failed: {_why(e)}") from e
     finally:

@@ -304,14 +304,21 @@ def _take_hsm_identity(
     after the key was made, or the next boot never makes a second ``tls`` key. A ``tls``
     key that no pending attempt made belongs to a registration (whose files may be gone):
     only ``--force`` replaces it, and only once the new certificate is verified (the new
-    key is ``tls-next`` until then, ``hsm.TokenKey.promote``).
+    key is ``tls-next`` until then, ``hsm.TokenKey.promote``). Without ``--uuid`` and a
+    pending identity, a uuid that a slot's description carries is the device's, as the C++
+    tool takes it.
     """
     from . import hsm
 
     assert settings.hsm is not None
     pending = state.peek_identity()
+    requested = settings.uuid
+    if requested is None and pending is None:
+        requested = hsm.slot_uuid(settings.hsm)
+        if requested is not None:
+            LOG.info("the PKCS#11 slot names the uuid %s: registering under it", requested)
     ours = pending is not None and pending.on_token
-    same = ours and pending is not None and settings.uuid in (None, pending.uuid)
+    same = ours and pending is not None and requested in (None, pending.uuid)
     with hsm.open_token(settings.hsm) as token:
         reused = token.pending_label() if same else None
         new = reused is None
@@ -325,7 +332,7 @@ def _take_hsm_identity(
                         "run with --force to replace it and its certificate"
                     )
                 label = hsm.NEXT_LABEL
-        ident = state.take_identity(settings.uuid, None, on_token=True)
+        ident = state.take_identity(requested, None, on_token=True)
         if new:
             if label == hsm.KEY_LABEL:
                 token.remove_key(hsm.NEXT_LABEL)

@@ -22,7 +22,7 @@ from lmp_autoreg import identity
 from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.server import RegistrationServer, Reply
 
-from conftest import device_args, require_tool, run_cli
+from conftest import device_args, require_module, require_tool, run_cli
 from pausing import AGENT, Paused
 from softhsm import MODULE, PIN, SO_PIN, SoftHsm, require_openssl_engine
 
@@ -244,3 +244,12 @@ def test_the_pin_never_reaches_argv(softhsm, device, server, tmp_path):
     assert run.returncode == 0, run.stderr
     assert AGENT[-1].encode() in cmdline
     assert PIN.encode() not in cmdline and SO_PIN.encode() not in cmdline
+
+
+def test_a_uuid_in_a_slot_description_is_the_device_uuid():
+    """As the C++ tool reads it: lower-case hex, the first slot that has one."""
+    hsm = require_module("lmp_autoreg.hsm")
+    uuid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    assert hsm.uuid_in(["SoftHSM slot ID 0x1", f"SE050 {uuid} (secure element)",
+                        "0000aaaa-0000-0000-0000-000000000000"]) == uuid
+    assert hsm.uuid_in(["SoftHSM slot ID 0x0", uuid.upper()]) is None
