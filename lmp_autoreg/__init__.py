@@ -1,30 +1,39 @@
 """lmp_autoreg: register a Foundries.io LmP device with its factory, once.
 
-Read top-down:
+Read top-down; a module imports only modules listed above it (tests/test_structure.py
+checks that no import, not even one inside a function, goes round in a circle):
 
-- ``guard``     the light first check of every start: where the sota dir is, and is the
-                device already registered (nothing heavier than ``os``: most starts end here)
+- ``errors``    one exception per exit code
 - ``der``       a small DER reader for the subject and expiry of ``client.pem``, without
                 ``cryptography`` (used by ``guard`` and ``status``)
-- ``settings``  where every setting comes from (CLI > env > default file > device files)
+- ``guard``     the light first check of every start: where the sota dir is, and is the
+                device already registered (nothing heavier than ``os``: most starts end here)
 - ``paths``     the device's file layout, resolved under ``--sysroot``
-- ``errors``    one exception per exit code
-- ``identity``  EC key, CSR, and checks of what the server sent back
+- ``preflight`` checks before anything is sent: token over plain http, warnings, the clock
+- ``settings``  where every setting comes from (CLI > env > default file > device files)
+- ``util``      small wrappers: atomic file writes, running commands, the random uuid
+- ``journal``, ``log``  journald fields and sd_notify under systemd; stderr logging
+- ``testhook``  TEST-ONLY: the one place the test seams are read (a pause at named steps,
+                the "is systemd running" directory)
+- ``result``    ``Result``, the record of what a run did (the JSON object's keys)
+- ``devicekey`` the interface of a device key (a key in a file, or on a PKCS#11 token)
+- ``identity``  the key in a file, the CSR, and checks of what the server sent back
+- ``hsm``       the key on a PKCS#11 token (python-pkcs11; imported in HSM mode only)
 - ``client``    the HTTP request to the registration server
 - ``install``   verify the answer and install it into the sota dir atomically
-- ``retry``     the backoff policy and the retry loop, bounded by the deadline
-- ``state``     one identity per device, the lock, the install journal (``<sota>/.lmp-autoreg``)
-- ``preflight`` checks before anything is sent: token over plain http, warnings, the clock
-- ``progress``, ``testhook``  status lines; the test-only pause at named steps
-- ``register``  the one library function that does a registration end to end
+- ``progress``, ``retry``  status lines; the backoff policy and the retry loop, bounded
+                by the deadline
+- ``state``     the files of one identity per device, the lock, the install journal
+                (``<sota>/.lmp-autoreg``)
+- ``attempt``   ``Attempt``: the life of one attempt (lock, identity, journal, install)
 - ``backend_ldr`` the alternative backend: run the C++ ``lmp-device-register``
 - ``poststeps`` fioconfig check-in, service starts, poweroff
-- ``log``, ``journal``  stderr logging; journald fields and sd_notify under systemd
-- ``util``      small wrappers: atomic file writes, running commands, the random uuid
+- ``register``  the one library function that does a registration end to end
 - ``status``    is this device registered, and as what
-- ``cli``       argparse, output, JSON, exit codes
-- ``demo``      a whole registration against an embedded loopback server
 - ``testing``   the public test kit (loopback server, fake device, pytest plugin)
+- ``output``    what the commands print: text, or one JSON object
+- ``demo``      a whole registration against an embedded loopback server
+- ``cli``       argparse, exit codes; the console script
 """
 
 __version__ = "0.1.0"

@@ -56,7 +56,7 @@ from .settings import DEFAULT_TOKEN_HEADER, Settings
 from .util import child_environ, fsync_dir, run, write_atomic
 
 if TYPE_CHECKING:
-    from .register import Result
+    from .result import Result
 
 LOG = logging.getLogger(__name__)
 

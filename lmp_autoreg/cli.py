@@ -1,7 +1,7 @@
 """The command line: ``lmp-device-auto-register [register|status|demo] [options]``.
 
-Parses options, calls the library, prints the result (text, or one JSON object with
-``--json``) and turns errors into SPEC section 6's exit codes.
+Parses options, calls the library, prints the result through ``output`` (text, or one
+JSON object with ``--json``) and turns errors into SPEC section 6's exit codes.
 
 Most starts end early (``--help``, a device registered already), so this module imports
 only ``argparse`` and the small ``guard`` up front; ``logging``, ``json`` and the library
@@ -15,8 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import BACKENDS, FIOCONFIG_MODES, PROG, __version__, guard
-from .errors import AlreadyRegistered, AutoregError, ConfigError, PostStepFailed
+from . import BACKENDS, FIOCONFIG_MODES, PROG, __version__, guard, output
+from .errors import AlreadyRegistered, AutoregError, ConfigError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (about 4 ms)
 if TYPE_CHECKING:
@@ -24,12 +24,6 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 COMMANDS = ("register", "status", "demo")
-# The keys of register.Result's JSON, for the already-registered answer, which is made
-# without importing register (tests/test_lazy_imports.py keeps the two the same).
-RESULT_KEYS = (
-    "result", "uuid", "name", "factory", "hardware_id", "tag", "apps", "production",
-    "device_api", "backend", "sota_dir", "files", "certificate", "fioconfig", "services",
-)
 
 
 def _help_formatter(prog: str) -> argparse.HelpFormatter:
@@ -146,12 +140,6 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return ["register", *argv]
 
 
-def emit_json(data: Any) -> None:
-    import json
-
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 def logger(verbosity: int) -> logging.Logger:
     """Set up logging (see ``log``) and return this module's logger.
 
@@ -169,23 +157,6 @@ def _verbosity(args: argparse.Namespace) -> int:
     return -1 if args.quiet else int(args.verbose)
 
 
-def _error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
-    if isinstance(error, AlreadyRegistered):
-        data: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
-        data.update(result="already-registered", uuid=error.uuid, sota_dir=error.sota_dir,
-                    error=None)
-    else:
-        from .register import Result
-
-        result = error.result if isinstance(error.result, Result) else Result(result="error")
-        data = result.to_json()
-        data.pop("request", None)
-        outcome = "registered" if isinstance(error, PostStepFailed) else "error"  # exit 7
-        data.update(result=outcome, error={"kind": error.kind, "message": str(error)})
-    data["exit_code"] = exit_code
-    return data
-
-
 def cmd_register(args: argparse.Namespace) -> int:
     cli = vars(args)
     if not args.force:
@@ -198,17 +169,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     settings = resolve(cli, os.environ)
     result = register(settings, dry_run=args.dry_run, force=args.force)
-    if args.json:
-        emit_json({**result.to_json(), "exit_code": 0, "error": None})
-    elif result.result == "dry-run":
-        emit_json(result.request)
-    else:
-        print(f"registered {result.uuid} (name {result.name}) with factory {result.factory}")
-        if result.certificate:
-            print(f"  certificate: {result.certificate['subject']}, "
-                  f"valid until {result.certificate['not_after']}")
-        print(f"  files in {settings.paths.sota}: "
-              + ", ".join(f"{n} ({m})" for n, m in (result.files or {}).items()))
+    output.show_register(result, settings.paths.sota, as_json=args.json)
     logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
               extra=log.fields(LMP_EXIT_CODE=0))
     return 0
@@ -219,15 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import device_status
 
     status = device_status(resolve_paths(vars(args), os.environ))
-    if args.json:
-        emit_json(status)
-    elif status["registered"]:
-        print(f"registered: uuid {status['uuid']}, factory {status['factory']}, "
-              f"production {'yes' if status['production'] else 'no'}, "
-              f"certificate valid until {status['not_after']}")
-    else:
-        print("not registered" + (" (an interrupted attempt is pending)"
-                                  if status["pending"] else ""))
+    output.show_status(status, as_json=args.json)
     return 0 if status["registered"] else 1
 
 
@@ -275,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   extra=log.fields(LMP_EXIT_CODE=1))
         error = AutoregError(f"internal error: {type(e).__name__}: {e}")
     if as_json:
-        emit_json(_error_json(error, error.exit_code))
+        output.emit_json(output.error_json(error, error.exit_code))
     return error.exit_code
 
 

@@ -8,8 +8,8 @@ same code path a device uses, and shows the result.
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from .output import show_demo
 from .register import register
 from .settings import resolve
 
@@ -18,7 +18,6 @@ DEMO_FACTORY = "demo-factory"
 
 
 def run_demo(*, keep: str | None, as_json: bool) -> int:
-    from .cli import emit_json
     from .testing.device import FakeDevice
     from .testing.server import RegistrationServer
 
@@ -41,36 +40,5 @@ def run_demo(*, keep: str | None, as_json: bool) -> int:
             )
             LOG.info("demo server at %s, device root %s", server.url, root)
             result = register(settings)
-        assert result.certificate is not None
-        summary: dict[str, Any] = {
-            **result.to_json(),
-            "exit_code": 0,
-            "error": None,
-            "device_root": str(root) if keep else None,
-            "issuer": result.certificate["issuer"],
-        }
-        if as_json:
-            emit_json(summary)
-        else:
-            _show(summary, device.sota)
+        show_demo(result, device.sota, kept=root if keep else None, as_json=as_json)
     return 0
-
-
-def _show(summary: dict[str, Any], sota: Path) -> None:
-    lines = [
-        "Registered a simulated device against an embedded loopback server.",
-        f"  uuid:        {summary['uuid']}",
-        f"  name:        {summary['name']}",
-        f"  factory:     {summary['factory']} (production: {summary['production']})",
-        f"  apps:        {', '.join(summary['apps'] or []) or 'all'}",
-        f"  subject:     {summary['certificate']['subject']}",
-        f"  issuer:      {summary['issuer']}",
-        f"  valid until: {summary['certificate']['not_after']}",
-        f"  files in {sota}:"
-        if summary["device_root"]
-        else "  files (removed with the demo; --keep DIR keeps them):",
-    ]
-    lines += [f"    {mode}  {name}" for name, mode in (summary["files"] or {}).items()]
-    if summary["device_root"]:
-        lines.append(f"  kept the device in {summary['device_root']}")
-    print("\n".join(lines))

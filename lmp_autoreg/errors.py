@@ -11,7 +11,7 @@ class AutoregError(Exception):
 
     exit_code = 1
     kind = "internal"
-    # What was known when it failed (a ``register.Result``), for the JSON object.
+    # What was known when it failed (a ``result.Result``), for the JSON object.
     result: object = None
 
 

@@ -5,15 +5,19 @@ it: the token labelled ``aktualizr``; an EC P-256 key pair labelled ``tls`` with
 generated on the token, its private half sensitive and never extractable; the issued
 certificate stored on the token as ``client``, id ``03``.
 
+``TokenKey`` and ``TokenKeys`` are the ``devicekey`` interface of such a key, so that an
+``attempt.Attempt`` uses it as it uses a key in a file; its record (in the pending identity
+and the install journal) names the token, the label and the public key, never a PIN.
+
 One object more than the C++ tool: ``--force`` generates the new key pair as ``tls-next``
 (id ``02``) and keeps the old ``tls`` pair until the new certificate is verified, so that a
-failed ``--force`` leaves the old registration working. ``promote`` then swaps them; a
-crash in between is harmless, since the pending key is ``tls-next`` while it exists and
-``tls`` after (``pending_label``).
+failed ``--force`` leaves the old registration working; ``TokenKey.store_certificate``
+then swaps them. A crash in between is harmless: the key is found again by its public key,
+under either label.
 
 The CSR is signed on the token: ``cryptography`` signs only with keys it holds, so this
-module builds the ``CertificationRequestInfo`` (RFC 2986) itself, from the subject and the
-extensions ``identity`` defines, and has the token sign its SHA-256 digest.
+module builds the ``CertificationRequestInfo`` (RFC 2986) itself and has the token sign
+its SHA-256 digest.
 
 Importing this module imports ``python-pkcs11`` (the ``hsm`` extra): only HSM mode does.
 """
@@ -27,6 +31,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import pkcs11
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -41,7 +47,6 @@ from pkcs11.exceptions import (
     PKCS11Error,
 )
 
-from . import identity
 from .errors import ConfigError, LocalFailure
 from .settings import Hsm
 
@@ -127,45 +132,50 @@ def _why(error: PKCS11Error) -> str:
     return str(error) or type(error).__name__
 
 
-class TokenKey:
-    """A logged-in, read-write session on the ``aktualizr`` token; use ``open``."""
+def _p256_spki(point: bytes) -> ec.EllipticCurvePublicKey:
+    if len(point) == 67 and point[:2] == b"\x04\x41":  # DER OCTET STRING around it
+        point = point[2:]
+    return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+
+
+def _spki_hex(key: ec.EllipticCurvePublicKey) -> str:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo).hex()
+
+
+class _Session:
+    """What the key needs of one logged-in session on the ``aktualizr`` token."""
 
     def __init__(self, session: "pkcs11.Session") -> None:
         self.session = session
 
-    # -- finding and making keys ----------------------------------------------------------
-
-    def _objects(self, object_class: ObjectClass, label: str) -> list:
+    def objects(self, object_class: ObjectClass, label: str) -> list:
         return list(self.session.get_objects({Attribute.CLASS: object_class,
                                               Attribute.LABEL: label}))
 
-    def has_key(self, label: str) -> bool:
-        return bool(self._objects(ObjectClass.PRIVATE_KEY, label))
+    def has(self, object_class: ObjectClass, label: str) -> bool:
+        return bool(self.objects(object_class, label))
 
-    def pending_label(self) -> str | None:
-        """The label of the key an unfinished attempt made: ``tls-next`` while it exists
-        (a ``--force`` not yet promoted), else ``tls``; None when neither exists."""
-        for label in (NEXT_LABEL, KEY_LABEL):
-            if self.has_key(label):
-                return label
-        return None
+    def public_key(self, label: str) -> ec.EllipticCurvePublicKey | None:
+        keys = self.objects(ObjectClass.PUBLIC_KEY, label)
+        if len(keys) != 1 or not self.has(ObjectClass.PRIVATE_KEY, label):
+            return None
+        return _p256_spki(bytes(keys[0][Attribute.EC_POINT]))
 
-    def remove_key(self, label: str) -> None:
-        for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-            for obj in self._objects(object_class, label):
+    def remove(self, label: str, *classes: ObjectClass) -> None:
+        for object_class in classes or (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            for obj in self.objects(object_class, label):
                 obj.destroy()
 
-    def generate(self, label: str) -> None:
+    def generate(self, label: str) -> ec.EllipticCurvePublicKey:
         """A new P-256 pair on the token as ``label`` (any older one of that label goes)."""
-        self.remove_key(label)
-        key_id = KEY_ID if label == KEY_LABEL else NEXT_ID
+        self.remove(label)
         params = self.session.create_domain_parameters(
             KeyType.EC, {Attribute.EC_PARAMS: _P256_PARAMS}, local=True
         )
-        params.generate_keypair(
+        public, _ = params.generate_keypair(
             store=True,
             label=label,
-            id=key_id,
+            id=KEY_ID if label == KEY_LABEL else NEXT_ID,
             public_template={Attribute.VERIFY: True, Attribute.PRIVATE: False},
             private_template={
                 Attribute.SIGN: True,
@@ -175,74 +185,141 @@ class TokenKey:
             },
         )
         LOG.info("generated the device key on the token %s as %r", TOKEN_LABEL, label)
-
-    def public_key(self, label: str) -> ec.EllipticCurvePublicKey:
-        keys = self._objects(ObjectClass.PUBLIC_KEY, label)
-        if len(keys) != 1:
-            raise LocalFailure(f"the token {TOKEN_LABEL} holds {len(keys)} public keys "
-                               f"labelled {label!r}, not one")
-        point = bytes(keys[0][Attribute.EC_POINT])
-        if len(point) == 67 and point[:2] == b"\x04\x41":  # DER OCTET STRING around it
-            point = point[2:]
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+        return _p256_spki(bytes(public[Attribute.EC_POINT]))
 
     def sign(self, label: str, data: bytes) -> bytes:
         """An ECDSA/SHA-256 signature of ``data`` by the token, DER (X9.62)."""
-        (key,) = self._objects(ObjectClass.PRIVATE_KEY, label)
+        (key,) = self.objects(ObjectClass.PRIVATE_KEY, label)
         raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half], "big"),
                                     int.from_bytes(raw[half:], "big"))
 
-    def make_csr(self, label: str, uuid: str, factory: str, production: bool) -> str:
-        """The CSR of SPEC section 2 for the token key ``label``, signed by the token."""
+
+class TokenKey:
+    """The device key on the token (a ``devicekey.DeviceKey``): the pair ``label``, whose
+    public half is ``public``. Every use opens its own session on the token."""
+
+    def __init__(self, hsm: Hsm, label: str, public: ec.EllipticCurvePublicKey) -> None:
+        self.hsm = hsm
+        self.label = label
+        self.public = public
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self.public
+
+    def sign_csr(
+        self, builder: x509.CertificateSigningRequestBuilder
+    ) -> x509.CertificateSigningRequest:
+        """The builder's request, for this key, signed by the token.
+
+        ``cryptography`` signs only with keys it holds: the subject and extensions are read
+        back from a request the builder signs with a throwaway key, and the request info
+        (RFC 2986) is built again around this key, for the token to sign."""
+        draft = builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
         info = certification_request_info(
-            identity.csr_subject(uuid, factory, production).public_bytes(),
-            self.public_key(label).public_bytes(Encoding.DER,
-                                                PublicFormat.SubjectPublicKeyInfo),
-            [(ext.oid.dotted_string, ext.public_bytes()) for ext in identity.csr_extensions()],
+            draft.subject.public_bytes(),
+            self.public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+            [(e.oid.dotted_string, e.critical, e.value.public_bytes()) for e in draft.extensions],
         )
-        signature = self.sign(label, info)
+        with open_token(self.hsm) as token:
+            signature = token.sign(self.label, info)
         der = _tlv(0x30, info + _ECDSA_SHA256 + _tlv(0x03, b"\x00" + signature))
-        return identity.pem("CERTIFICATE REQUEST", der)
+        return x509.load_der_x509_csr(der)
 
-    # -- the certificate, and the swap ----------------------------------------------------
+    def record(self) -> dict[str, str]:
+        return {"token": TOKEN_LABEL, "label": self.label, "public": _spki_hex(self.public)}
 
-    def promote(self) -> None:
-        """Make ``tls-next`` the device key: the old ``tls`` pair goes, the new one takes
-        its label and id. Without a ``tls-next`` (no ``--force``) nothing changes."""
-        new = [*self._objects(ObjectClass.PRIVATE_KEY, NEXT_LABEL),
-               *self._objects(ObjectClass.PUBLIC_KEY, NEXT_LABEL)]
-        if not new:
-            return
-        self.remove_key(KEY_LABEL)
-        for obj in new:
-            obj[Attribute.ID] = KEY_ID
-            obj[Attribute.LABEL] = KEY_LABEL
-        LOG.info("the new key replaced the old one on the token %s", TOKEN_LABEL)
+    def certifies(self, cert: x509.Certificate) -> bool:
+        return bool(cert.public_key() == self.public)
 
-    def store_certificate(self, der: bytes, subject: bytes) -> None:
-        """Store the issued certificate as ``client`` (id 03), replacing an older one."""
-        for obj in self._objects(ObjectClass.CERTIFICATE, CERT_LABEL):
-            obj.destroy()
-        self.session.create_object({
-            Attribute.CLASS: ObjectClass.CERTIFICATE,
-            Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
-            Attribute.LABEL: CERT_LABEL,
-            Attribute.ID: CERT_ID,
-            Attribute.SUBJECT: subject,
-            Attribute.VALUE: der,
-        })
+    def files(self) -> dict[str, bytes]:
+        return {}  # no pkey.pem: the key never leaves the token
+
+    def config(self) -> str:
+        return p11_section(self.hsm)
+
+    def store_certificate(self, cert: x509.Certificate) -> None:
+        """The answer is verified: a ``tls-next`` key takes the old ``tls`` key's place
+        (the old pair goes), and the certificate is stored as ``client``, id 03."""
+        with open_token(self.hsm) as token:
+            if self.label == NEXT_LABEL:
+                token.remove(KEY_LABEL)
+                for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                    for obj in token.objects(object_class, NEXT_LABEL):
+                        obj[Attribute.ID] = KEY_ID
+                        obj[Attribute.LABEL] = KEY_LABEL
+                LOG.info("the new key replaced the old one on the token %s", TOKEN_LABEL)
+                self.label = KEY_LABEL
+            token.remove(CERT_LABEL, ObjectClass.CERTIFICATE)
+            token.session.create_object({
+                Attribute.CLASS: ObjectClass.CERTIFICATE,
+                Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: False,
+                Attribute.LABEL: CERT_LABEL,
+                Attribute.ID: CERT_ID,
+                Attribute.SUBJECT: cert.subject.public_bytes(),
+                Attribute.VALUE: cert.public_bytes(Encoding.DER),
+            })
         LOG.info("stored the certificate on the token %s as %r", TOKEN_LABEL, CERT_LABEL)
 
+    def discard(self) -> None:
+        """A failed ``--force``: its new key goes, the token is as it was."""
+        if self.label == NEXT_LABEL:
+            with open_token(self.hsm) as token:
+                token.remove(NEXT_LABEL)
+
+    def __repr__(self) -> str:
+        return f"TokenKey({TOKEN_LABEL}:{self.label})"
+
+
+class TokenKeys:
+    """Keys on the ``aktualizr`` token (a ``devicekey.KeyKind``).
+
+    A ``tls`` key with a ``client`` certificate belongs to a registration: only ``force``
+    replaces it, as ``tls-next`` until the new certificate is stored. A ``tls`` key without
+    one is what an attempt killed before its install left: it is replaced."""
+
+    def __init__(self, hsm: Hsm, *, force: bool) -> None:
+        self.hsm = hsm
+        self.force = force
+
+    def generate(self) -> TokenKey:
+        with open_token(self.hsm) as token:
+            label = KEY_LABEL
+            if token.has(ObjectClass.PRIVATE_KEY, KEY_LABEL) and token.has(
+                ObjectClass.CERTIFICATE, CERT_LABEL
+            ):
+                if not self.force:
+                    raise LocalFailure(
+                        f"the token {TOKEN_LABEL} holds the key {KEY_LABEL!r} and the "
+                        f"certificate {CERT_LABEL!r} of an earlier registration: run with "
+                        "--force to replace them"
+                    )
+                label = NEXT_LABEL
+            else:
+                token.remove(NEXT_LABEL)
+            return TokenKey(self.hsm, label, token.generate(label))
+
+    def load(self, record: object) -> TokenKey:
+        """The key a record names, found by its public key under ``tls-next`` or ``tls``
+        (a promoted key changed its label); ValueError when it is not on the token."""
+        if not isinstance(record, dict) or record.get("token") != TOKEN_LABEL:
+            raise ValueError(f"it is not a key on the token {TOKEN_LABEL}")
+        with open_token(self.hsm) as token:
+            for label in (NEXT_LABEL, KEY_LABEL):
+                public = token.public_key(label)
+                if public is not None and _spki_hex(public) == record.get("public"):
+                    return TokenKey(self.hsm, label, public)
+        raise ValueError(f"its key is no longer on the token {TOKEN_LABEL}")
 
 
 @contextmanager
-def open_token(hsm: Hsm) -> Iterator[TokenKey]:
-    """A ``TokenKey`` logged in with the user PIN; ConfigError when the module does not
-    load, the token is missing or it refuses the PIN; LocalFailure for the rest."""
+def open_token(hsm: Hsm) -> Iterator[_Session]:
+    """A session on the ``aktualizr`` token, logged in with the user PIN; ConfigError
+    when the module does not load, the token is missing or it refuses the PIN;
+    LocalFailure for the rest."""
     token = find_token(hsm)
     if not token.flags & pkcs11.TokenFlag.USER_PIN_INITIALIZED:
         _init_user_pin(token, hsm)
@@ -257,7 +334,7 @@ def open_token(hsm: Hsm) -> Iterator[TokenKey]:
     except PKCS11Error as e:
         raise LocalFailure(f"cannot open the token {TOKEN_LABEL}: {_why(e)}") from e
     try:
-        yield TokenKey(session)
+        yield _Session(session)
     except PKCS11Error as e:
         raise LocalFailure(f"the token {TOKEN_LABEL} failed: {_why(e)}") from e
     finally:
@@ -306,13 +383,14 @@ def _oid(dotted: str) -> bytes:
 
 
 def certification_request_info(
-    subject: bytes, spki: bytes, extensions: list[tuple[str, bytes]]
+    subject: bytes, spki: bytes, extensions: list[tuple[str, bool, bytes]]
 ) -> bytes:
     """RFC 2986's CertificationRequestInfo: version 0, the subject Name (DER), the public
     key (SubjectPublicKeyInfo DER), and one extensionRequest attribute holding
-    ``extensions`` (oid, extnValue DER), every one critical."""
+    ``extensions`` (oid, critical, extnValue DER)."""
     exts = b"".join(
-        _tlv(0x30, _oid(oid) + b"\x01\x01\xff" + _tlv(0x04, value)) for oid, value in extensions
+        _tlv(0x30, _oid(oid) + (b"\x01\x01\xff" if critical else b"") + _tlv(0x04, value))
+        for oid, critical, value in extensions
     )
     attribute = _tlv(0x30, _EXTENSION_REQUEST + _tlv(0x31, _tlv(0x30, exts)))
     return _tlv(0x30, b"\x02\x01\x00" + subject + spki + _tlv(0xA0, attribute))

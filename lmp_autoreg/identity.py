@@ -1,11 +1,14 @@
 """The device's identity: its EC P-256 key, its CSR, and checks of the certificate it gets.
 
+The key in a file, ``FileKey`` (of the kind ``FILE_KEYS``), is one ``devicekey.DeviceKey``;
+``make_csr`` takes any.
+
 Importing this module imports ``cryptography``: callers that may not need it (the
 already-registered guard, ``--help``) import it lazily.
 """
 
 import base64
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -16,6 +19,9 @@ try:  # the enum where x509 has already loaded it, without the serialization pac
     from cryptography.hazmat.primitives._serialization import Encoding
 except ImportError:  # pragma: no cover - a cryptography release that moved it
     from cryptography.hazmat.primitives.serialization import Encoding
+
+if TYPE_CHECKING:
+    from .devicekey import DeviceKey
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -51,7 +57,10 @@ def key_to_pem(key: PrivateKey) -> bytes:
         point.x.to_bytes(32, "big"),
         point.y.to_bytes(32, "big"),
     ))
-    return pem("PRIVATE KEY", der).encode()
+    text = base64.b64encode(der).decode()
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    return ("-----BEGIN PRIVATE KEY-----\n" + "\n".join(lines)
+            + "\n-----END PRIVATE KEY-----\n").encode()
 
 
 def key_from_pem(pem: bytes) -> PrivateKey:
@@ -64,38 +73,75 @@ def key_from_pem(pem: bytes) -> PrivateKey:
     return key
 
 
-class DeviceKey(NamedTuple):
-    """The device key, both as an object (to sign and compare) and as PEM (to store)."""
+class FileKey:
+    """A device key kept in a file, ``pkey.pem`` in the sota dir: both the key object (to
+    sign and compare) and its PEM (to store). A ``devicekey.DeviceKey``."""
 
-    key: PrivateKey
-    pem: bytes
+    __slots__ = ("key", "pem")
+
+    def __init__(self, key: PrivateKey, pem: bytes) -> None:
+        self.key = key
+        self.pem = pem
 
     @classmethod
-    def generate(cls) -> "DeviceKey":
+    def generate(cls) -> "FileKey":
         key = new_key()
         return cls(key, key_to_pem(key))
 
     @classmethod
-    def from_pem(cls, pem: bytes) -> "DeviceKey":
+    def from_pem(cls, pem: bytes) -> "FileKey":
         return cls(key_from_pem(pem), pem)
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self.key.public_key()
+
+    def sign_csr(
+        self, builder: x509.CertificateSigningRequestBuilder
+    ) -> x509.CertificateSigningRequest:
+        return builder.sign(self.key, hashes.SHA256())
+
+    def record(self) -> str:
+        return self.pem.decode("ascii")
+
+    def certifies(self, cert: x509.Certificate) -> bool:
+        return same_public_key(cert, self.key)
+
+    def files(self) -> dict[str, bytes]:
+        return {"pkey.pem": self.pem}
+
+    def config(self) -> str:
+        return ""
+
+    def store_certificate(self, cert: x509.Certificate) -> None:
+        return None  # pkey.pem is installed with the answer
+
     def __repr__(self) -> str:
-        return "DeviceKey(<private>)"
+        return "FileKey(<private>)"
 
 
-def csr_subject(uuid: str, factory: str, production: bool) -> x509.Name:
-    """The CSR's subject (SPEC section 2): CN=uuid, OU=factory[, businessCategory]."""
+class FileKeys:
+    """The kind of ``FileKey`` (a ``devicekey.KeyKind``): its record is the PEM text."""
+
+    def generate(self) -> FileKey:
+        return FileKey.generate()
+
+    def load(self, record: object) -> FileKey:
+        if not isinstance(record, str):
+            raise ValueError("it is not a key in a file")
+        return FileKey.from_pem(record.encode("ascii"))  # UnicodeError is a ValueError
+
+
+FILE_KEYS = FileKeys()
+
+
+def make_csr(key: "DeviceKey", uuid: str, factory: str, production: bool) -> str:
+    """A CSR as the device gateway expects it (SPEC section 2), signed by ``key``; PEM text."""
     subject = [
         x509.NameAttribute(NameOID.COMMON_NAME, uuid),
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, factory),
     ]
     if production:
         subject.append(x509.NameAttribute(NameOID.BUSINESS_CATEGORY, "production"))
-    return x509.Name(subject)
-
-
-def csr_extensions() -> list[x509.ExtensionType]:
-    """The CSR's extensions, both critical: digitalSignature, clientAuth."""
     usage = x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
@@ -107,35 +153,20 @@ def csr_extensions() -> list[x509.ExtensionType]:
         encipher_only=False,
         decipher_only=False,
     )
-    return [usage, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]
-
-
-def make_csr(key: PrivateKey, uuid: str, factory: str, production: bool) -> str:
-    """A CSR as the device gateway expects it (SPEC section 2), PEM text."""
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        csr_subject(uuid, factory, production)
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name(subject))
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
     )
-    for extension in csr_extensions():
-        builder = builder.add_extension(extension, critical=True)
-    csr = builder.sign(key, hashes.SHA256())
+    csr = key.sign_csr(builder)
     return csr.public_bytes(Encoding.PEM).decode()
-
-
-def pem(kind: str, der: bytes) -> str:
-    """``der`` armoured as PEM of type ``kind`` (``CERTIFICATE REQUEST``, ...)."""
-    text = base64.b64encode(der).decode()
-    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
-    return f"-----BEGIN {kind}-----\n" + "\n".join(lines) + f"\n-----END {kind}-----\n"
 
 
 def load_certificate(pem: str | bytes) -> x509.Certificate:
     """Parse one PEM certificate; ValueError when it is not one."""
     data = pem.encode() if isinstance(pem, str) else pem
     return x509.load_pem_x509_certificate(data)
-
-
-def certificate_der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.DER)
 
 
 def same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:

@@ -12,15 +12,13 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import testhook
+from . import testhook  # TEST-ONLY pauses; each returns at once on a device
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
 from .util import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-
-    from .identity import DeviceKey
+    from .devicekey import DeviceKey
 
 LOG = logging.getLogger(__name__)
 
@@ -40,19 +38,14 @@ class PlannedFile(NamedTuple):
 
 
 def verify_answer(
-    files: dict[str, str],
-    *,
-    uuid: str,
-    key: "DeviceKey | None",
-    token_key: "EllipticCurvePublicKey | None" = None,
-    p11: str | None = None,
+    files: dict[str, str], *, uuid: str, key: "DeviceKey | None"
 ) -> list[PlannedFile]:
     """Check a 201 answer against the device's identity; return the install plan.
 
-    ``key`` is the device key. In HSM mode it is None (the key stays on the token and no
-    ``pkey.pem`` is written); ``token_key`` is then the token key's public half, and
-    ``p11`` the ``[p11]`` section appended to ``sota.toml``, which, holding the PIN, is
-    0600. The plan ends with ``sota.toml``.
+    ``key`` is the device key, which the certificate must be for (None: not known here).
+    The plan starts with the key's own files (``pkey.pem`` of a key in a file; none of a
+    key on a token) and ends with ``sota.toml``, with what the key adds to it (a token
+    key's ``[p11]`` section, which holds the PIN: ``sota.toml`` is then 0600).
     """
     from . import identity  # cryptography is needed only once there is an answer
 
@@ -75,10 +68,8 @@ def verify_answer(
         raise BadAnswer(
             f"client.pem is for {identity.common_name(cert)!r}, not this device ({uuid})"
         )
-    if key is not None and not identity.same_public_key(cert, key.key):
+    if key is not None and not key.certifies(cert):
         raise BadAnswer("client.pem certifies another key than this device's")
-    if token_key is not None and cert.public_key() != token_key:
-        raise BadAnswer("client.pem certifies another key than the one on the token")
     try:
         identity.load_certificate(files["root.crt"])
     except ValueError as e:
@@ -93,14 +84,17 @@ def verify_answer(
     except tomllib.TOMLDecodeError as e:
         raise BadAnswer(f"sota.toml is not valid TOML: {e}") from e
     sota_toml, sota_mode = files["sota.toml"], FILE_MODE
-    if p11 is not None:
-        if "p11" in config:
-            raise BadAnswer("sota.toml has a [p11] section already: the device writes it")
-        sota_toml, sota_mode = sota_toml.rstrip("\n") + "\n\n" + p11, KEY_MODE
+    added = key.config() if key is not None else ""
+    if added:
+        clash = sorted(config.keys() & tomllib.loads(added).keys())
+        if clash:
+            raise BadAnswer(f"sota.toml has a [{clash[0]}] section already: the device "
+                            "writes it")
+        sota_toml, sota_mode = sota_toml.rstrip("\n") + "\n\n" + added, KEY_MODE
 
     plan = []
-    if key is not None:
-        plan.append(PlannedFile("pkey.pem", key.pem, KEY_MODE))
+    for name, data in (key.files() if key is not None else {}).items():
+        plan.append(PlannedFile(name, data, KEY_MODE))
     for name in sorted(files):
         if name != "sota.toml":
             plan.append(PlannedFile(name, files[name].encode(), FILE_MODE))

@@ -28,28 +28,27 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from . import testhook
 from .errors import PostStepFailed
 from .paths import DEFAULT_SOTA_DIR
 from .settings import Settings
 from .util import child_environ, run
 
 if TYPE_CHECKING:
-    from .register import Result
+    from .result import Result
 
 LOG = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 60.0
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
-# Replaces SYSTEMD_RUNTIME_DIR in the "is systemd running?" check, and in nothing else:
-# it lets tests (and a curious developer) drive both answers on any machine.
-SYSTEMD_RUNTIME_DIR_ENV = "LMP_AUTOREG_SYSTEMD_RUNTIME_DIR"
 # fioconfig's default config search path, with the sota.toml entry for our sota dir.
 _FIOCONFIG_CONFIG = ("/usr/lib/sota/conf.d", "{sota}/sota.toml", "/etc/sota/conf.d/")
 
 
 def systemd_running(environ: Mapping[str, str]) -> bool:
     """True when systemd is the init system (the directory sd_booted(3) checks exists)."""
-    return Path(environ.get(SYSTEMD_RUNTIME_DIR_ENV) or SYSTEMD_RUNTIME_DIR).is_dir()
+    # TEST-ONLY: a test may name another directory (``testhook``); a device never does.
+    return Path(testhook.systemd_runtime_dir(environ, SYSTEMD_RUNTIME_DIR)).is_dir()
 
 
 def step_timeout(settings: Settings) -> float:

@@ -2,18 +2,19 @@
 
 - ``lock``: an exclusive ``flock`` held for the whole registration, the holder's pid in it.
   A second run (the unit and a jig at once) fails at once, naming that pid.
-- ``identity.json`` (0600): the *pending identity*, the uuid and private key of an attempt
-  not yet installed (in HSM mode: that its key is on the token, ``hsm``). It is saved
-  before the first request, so that a retry, a crash, a power cut or the next run use the
-  same identity and the server sees one device. It is removed after a successful install;
+- ``identity.json`` (0600): the *pending identity*, the uuid and the key's record
+  (``devicekey``: a file key's PEM) of an attempt not yet installed. It is saved before
+  the first request, so that a retry, a crash, a power cut or the next run use the same
+  identity and the server sees one device. It is removed after a successful install;
   ``--force`` or another ``--uuid`` drop it.
-- ``install.json`` (0600): the *install journal*, the server's verified answer (and the
-  key), saved before the first file is installed and removed once ``sota.toml`` is in
-  place. While it exists the device is not registered (``guard.is_registered``), and the
-  next run completes the install from it without asking the server again (which might
-  refuse a uuid it already knows).
+- ``install.json`` (0600): the *install journal*, the server's verified answer, the key's
+  record and the names the install writes, saved before the first file is installed and
+  removed once ``sota.toml`` is in place. While it exists the device is not registered
+  (``guard.is_registered``), and the next run completes the install from it without
+  asking the server again (which might refuse a uuid it already knows).
 
-Every write is atomic and fsync-ed (``util.write_atomic``), directory included.
+Every write is atomic and fsync-ed (``util.write_atomic``), directory included. Which
+step comes when is ``attempt.Attempt``'s business; this module keeps the files.
 """
 
 import errno
@@ -25,13 +26,16 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import LocalFailure
 from .guard import JOURNAL
 from .paths import DevicePaths
 from .settings import redacted_repr
 from .util import fsync_dir, random_uuid, write_atomic
+
+if TYPE_CHECKING:
+    from .devicekey import KeyRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -44,27 +48,27 @@ TEMP_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]*\.tmp-[0-9]+")
 
 
 class Identity(NamedTuple):
-    """A device identity: its uuid and (native backend) its private key, PEM, or
-    ``on_token``: its key is on the PKCS#11 token (``hsm``)."""
+    """A device identity: its uuid and its key's record (None: the backend keeps the key)."""
 
     uuid: str
-    key_pem: bytes | None
+    key: "KeyRecord | None"
     reused: bool = False  # True when it comes from an interrupted attempt
-    on_token: bool = False
 
     def __repr__(self) -> str:
-        return redacted_repr(self, ("key_pem",))
+        return redacted_repr(self, ("key",))
 
 
 class Journal(NamedTuple):
-    """An answer the server gave, verified, whose install did not finish."""
+    """An answer the server gave, verified, whose install did not finish: the files it
+    writes (``installs``) are the answer's and the key's own."""
 
     uuid: str
-    key_pem: bytes | None
+    key: "KeyRecord | None"
     files: dict[str, str]
+    installs: tuple[str, ...]
 
     def __repr__(self) -> str:
-        return redacted_repr(self, ("key_pem", "files"))
+        return redacted_repr(self, ("key", "files"))
 
 
 def _failure(action: str, path: Path, error: OSError) -> LocalFailure:
@@ -90,8 +94,7 @@ class State:
         data = self._load(IDENTITY)
         if data is None:
             return None
-        return Identity(data["uuid"], _key(data), reused=True,
-                        on_token=data.get("on_token") is True)
+        return Identity(data["uuid"], data.get("key"), reused=True)
 
     def load_journal(self) -> Journal | None:
         data = self._load(JOURNAL)
@@ -103,7 +106,10 @@ class State:
         ):
             LOG.warning("ignoring %s: it holds no answer", self.dir / JOURNAL)
             return None
-        return Journal(data["uuid"], _key(data), files)
+        installs = data.get("installs")
+        if not isinstance(installs, list) or not all(isinstance(n, str) for n in installs):
+            installs = list(files)  # at least the answer's files
+        return Journal(data["uuid"], data.get("key"), files, tuple(installs))
 
     def _load(self, name: str) -> dict | None:
         path = self.dir / name
@@ -117,8 +123,8 @@ class State:
         if not isinstance(data, dict) or not isinstance(data.get("uuid"), str):
             LOG.warning("ignoring %s: it holds no uuid", path)
             return None
-        if not isinstance(data.get("key"), str | None):
-            LOG.warning("ignoring %s: its key is not text", path)
+        if not isinstance(data.get("key"), str | dict | None):
+            LOG.warning("ignoring %s: its key is not a key record", path)
             return None
         return data
 
@@ -166,40 +172,33 @@ class State:
     # -- writing, with the lock held ------------------------------------------------------
 
     def take_identity(
-        self, requested: str | None, new_key: Callable[[], bytes] | None,
-        *, on_token: bool = False,
+        self, requested: str | None, new_key: "Callable[[], KeyRecord] | None"
     ) -> Identity:
         """The identity for this attempt, saved before it is used.
 
         The pending identity, unless ``requested`` (an explicit uuid) differs; else a new
-        one: ``requested`` or a random uuid, with ``new_key()`` (None: the backend keeps
-        the key itself, as lmp-device-register and an HSM do). ``on_token``: the key is
-        (about to be) on the PKCS#11 token; the saved identity says so.
+        one: ``requested`` or a random uuid, with the record of ``new_key()`` (None: the
+        backend keeps the key itself, as lmp-device-register does).
         """
         pending = self.peek_identity()
         if pending is not None and requested in (None, pending.uuid):
             LOG.info("reusing the identity of an interrupted attempt: %s", pending.uuid)
-            if on_token:
-                if pending.on_token:
-                    return pending
-                identity = Identity(pending.uuid, None, reused=True, on_token=True)
-            elif pending.key_pem is not None or new_key is None:
+            if pending.key is not None or new_key is None:
                 return pending
-            else:
-                identity = Identity(pending.uuid, new_key(), reused=True)
+            identity = Identity(pending.uuid, new_key(), reused=True)
         else:
             if pending is not None:
                 LOG.info("--uuid %s: dropping the pending identity %s", requested, pending.uuid)
             key = new_key() if new_key is not None else None
-            identity = Identity(requested or random_uuid(), key, on_token=on_token)
-        data: dict[str, object] = {"uuid": identity.uuid, "key": _text(identity.key_pem)}
-        if identity.on_token:
-            data["on_token"] = True
-        self._write(IDENTITY, data)
+            identity = Identity(requested or random_uuid(), key)
+        self._write(IDENTITY, {"uuid": identity.uuid, "key": identity.key})
         return identity
 
-    def save_journal(self, uuid: str, key_pem: bytes | None, files: dict[str, str]) -> None:
-        self._write(JOURNAL, {"uuid": uuid, "key": _text(key_pem), "files": files})
+    def save_journal(
+        self, uuid: str, key: "KeyRecord | None", files: dict[str, str], installs: list[str]
+    ) -> None:
+        """Journal a verified answer, ``files``, whose install writes ``installs``."""
+        self._write(JOURNAL, {"uuid": uuid, "key": key, "files": files, "installs": installs})
 
     def finish(self) -> None:
         """After a successful install: drop the journal, then the pending identity."""
@@ -214,9 +213,8 @@ class State:
 
         journal = self.load_journal()
         if journal is not None:
-            names = [*journal.files, "pkey.pem"] if journal.key_pem else list(journal.files)
             LOG.warning("%s: abandoning the unfinished install of %s", why, journal.uuid)
-            for name in names:
+            for name in journal.installs:
                 if FILE_NAME_RE.fullmatch(name):  # a plain file name, never a path
                     self._remove(self.sota / name)
             fsync_dir(self.sota)
@@ -261,15 +259,6 @@ class State:
             if not warn_only:
                 raise _failure("sync", self.dir, e) from e
             LOG.warning("cannot sync %s: %s", self.dir, e.strerror or e)
-
-
-def _text(key_pem: bytes | None) -> str | None:
-    return key_pem.decode("ascii") if key_pem is not None else None
-
-
-def _key(data: dict) -> bytes | None:
-    key = data.get("key")
-    return key.encode("ascii") if isinstance(key, str) else None
 
 
 def check_aklite(paths: DevicePaths) -> None:

@@ -1,4 +1,4 @@
-"""Run the agent until it stops at a named step (``lmp_autoreg.testhook``), then kill it
+"""Run the agent until it stops at a named step (``lmp_autoreg.testhook``, test-only), then kill it
 there or let it go on: the crash and local-fault tests build on this."""
 
 import os
@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmp_autoreg.testhook import ENV
+from lmp_autoreg.testhook import PAUSE_ENV
 
 from conftest import Run, clean_env
 
@@ -42,7 +42,7 @@ class Paused:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
-            env={**environ, ENV: f"{step}:{marker}"},
+            env={**environ, PAUSE_ENV: f"{step}:{marker}"},
         )
         end = time.monotonic() + wait
         while not marker.exists():

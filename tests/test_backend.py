@@ -18,6 +18,7 @@ from lmp_autoreg.errors import (
     Unreachable,
 )
 from lmp_autoreg.settings import resolve
+from lmp_autoreg.testhook import SYSTEMD_RUNTIME_DIR_ENV
 from lmp_autoreg.testing.server import Reply
 
 from conftest import live_device_args, run_cli
@@ -156,7 +157,7 @@ def fakes(tmp_path) -> FakeBin:
 def env(fakes, tmp_path) -> dict[str, str]:
     runtime = tmp_path / "run-systemd-system"
     runtime.mkdir()
-    return fakes.environ(LMP_AUTOREG_SYSTEMD_RUNTIME_DIR=str(runtime))
+    return fakes.environ(**{SYSTEMD_RUNTIME_DIR_ENV: str(runtime)})
 
 
 def ldr_args(device, server, *extra) -> list[str]:

@@ -22,7 +22,7 @@ def ca():
 
 
 def device_cert(ca, *, production=False, factory="acme"):
-    csr = identity.make_csr(identity.new_key(), UUID, factory, production)
+    csr = identity.make_csr(identity.FileKey.generate(), UUID, factory, production)
     return ca.sign_csr(csr)
 
 
@@ -127,7 +127,7 @@ def test_malformed_input_is_a_value_error(text):
 
 
 def test_csr_is_not_a_certificate():
-    csr = identity.make_csr(identity.new_key(), UUID, "acme", False)
+    csr = identity.make_csr(identity.FileKey.generate(), UUID, "acme", False)
     with pytest.raises(ValueError):
         der.common_name(csr)
 

@@ -108,11 +108,10 @@ def test_verify_answer_orders_sota_toml_last():
     from lmp_autoreg.testing.ca import ThrowawayCA
 
     ca = ThrowawayCA()
-    key = identity.new_key()
+    device_key = identity.FileKey.generate()
     uuid = "11111111-2222-4333-8444-555555555555"
-    cert = ca.sign_csr(identity.make_csr(key, uuid, "acme", False))
+    cert = ca.sign_csr(identity.make_csr(device_key, uuid, "acme", False))
     files = {"sota.toml": "[tls]\n", "root.crt": ca.cert_pem, "client.pem": cert}
-    device_key = identity.DeviceKey(key, identity.key_to_pem(key))
     plan = verify_answer(files, uuid=uuid, key=device_key)
     assert [p.name for p in plan] == ["pkey.pem", "client.pem", "root.crt", "sota.toml"]
     assert [p.mode for p in plan] == [0o600, 0o644, 0o644, 0o644]

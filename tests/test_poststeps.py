@@ -8,6 +8,7 @@ import pytest
 
 from lmp_autoreg.poststeps import fioconfig_command, systemd_running
 from lmp_autoreg.settings import resolve
+from lmp_autoreg.testhook import SYSTEMD_RUNTIME_DIR_ENV
 
 from conftest import device_args, live_device_args, run_cli
 from fakebin import FakeBin
@@ -28,13 +29,13 @@ def systemd(tmp_path) -> dict[str, str]:
     """The environment of an agent that sees systemd running."""
     runtime = tmp_path / "run-systemd-system"
     runtime.mkdir()
-    return {"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(runtime)}
+    return {SYSTEMD_RUNTIME_DIR_ENV: str(runtime)}
 
 
 @pytest.fixture
 def no_systemd(tmp_path) -> dict[str, str]:
     """The environment of an agent that sees no systemd (whatever runs this machine)."""
-    return {"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(tmp_path / "no-such-dir")}
+    return {SYSTEMD_RUNTIME_DIR_ENV: str(tmp_path / "no-such-dir")}
 
 
 def register(device, server, fakes, env, *extra):
@@ -243,6 +244,6 @@ def test_fioconfig_command_for_the_default_sota_dir(fake_device):
 
 
 def test_systemd_running_check(tmp_path):
-    assert systemd_running({"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(tmp_path)})
-    assert not systemd_running({"LMP_AUTOREG_SYSTEMD_RUNTIME_DIR": str(tmp_path / "x")})
+    assert systemd_running({SYSTEMD_RUNTIME_DIR_ENV: str(tmp_path)})
+    assert not systemd_running({SYSTEMD_RUNTIME_DIR_ENV: str(tmp_path / "x")})
     assert systemd_running({}) == Path("/run/systemd/system").is_dir()
