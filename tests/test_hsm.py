@@ -254,3 +254,17 @@ def test_a_uuid_in_a_slot_description_is_the_device_uuid():
     assert hsm.uuid_in(["SoftHSM slot ID 0x1", f"SE050 {uuid} (secure element)",
                         "0000aaaa-0000-0000-0000-000000000000"]) == uuid
     assert hsm.uuid_in(["SoftHSM slot ID 0x0", uuid.upper()]) is None
+
+
+def test_a_key_without_a_certificate_is_an_interrupted_attempts_and_replaced(softhsm, device,
+                                                                             server):
+    """A kill between making the key and saving the identity leaves a bare tls key."""
+    tool = require_tool("pkcs11-tool")
+    subprocess.run([tool, "--module", MODULE, "--login", "--pin", PIN, "--keypairgen",
+                    "--key-type", "EC:prime256v1", "--label", "tls", "--id", "01"],
+                   env=softhsm.env, check=True, capture_output=True, timeout=30)
+    planted = token_point(softhsm)
+    run = run_cli(*device_args(device, server, "--json"), env=softhsm.env)
+    assert run.returncode == 0, run.stderr
+    assert token_point(softhsm) != planted
+    assert_registered_on_token(softhsm, device.sota)
