@@ -63,6 +63,9 @@ BASELINES = {
     "x509": "from cryptography import x509",
 }
 RECOVERY_DELAY = 3.0
+# The HSM scenario: a fresh SoftHSM2 token per run (made before the run, not measured).
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+BENCH_PIN, BENCH_SO_PIN = "bench-pin-1234", "bench-so-pin-5678"
 LONG_RECOVERY_DELAY = 60.0
 RECOVERY_LIMIT = 2.0
 # Budgets (docs/performance.md): (scenario, metric, limit). Ratios are medians of per-run ratios.
@@ -340,6 +343,7 @@ class Bench:
             Scenario("dry-run", "--dry-run", "import floor", self._dry_run, runs),
             Scenario("help", "--help", "pass", self._help, runs),
             Scenario("apps1000", "1000 compose apps", "import floor", self._apps1000, runs),
+            Scenario("hsm", "HSM (SoftHSM2 token)", "import floor", self._hsm, runs),
             Scenario(
                 "recovery", f"recovery ({RECOVERY_DELAY:g} s outage)", None,
                 self._recovery(RECOVERY_DELAY), self.args.recovery_runs, warmup=False,
@@ -394,6 +398,22 @@ class Bench:
         device = self.device(apps=[f"app{n:04d}" for n in range(1000)])
         check = expect(0, result="registered", apps=lambda apps: len(apps or ()) == 1000)
         return Case(self.register_args(device, self.server.url), check)
+
+    def _hsm(self, i: int) -> Case:
+        """A registration whose key is generated on a fresh SoftHSM2 token."""
+        store = self.work / "softhsm" / str(self.devices + 1)
+        (store / "tokens").mkdir(parents=True)
+        conf = store / "softhsm2.conf"
+        conf.write_text(f"directories.tokendir = {store / 'tokens'}\n"
+                        "objectstore.backend = file\nlog.level = ERROR\n", encoding="utf-8")
+        env = {**self.env, "SOFTHSM2_CONF": str(conf)}
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "aktualizr",
+                        "--pin", BENCH_PIN, "--so-pin", BENCH_SO_PIN],
+                       env=env, check=True, capture_output=True)
+        device = self.device(hsm={"HSM_MODULE": SOFTHSM_MODULE, "HSM_PIN": BENCH_PIN,
+                                  "HSM_SOPIN": BENCH_SO_PIN})
+        return Case(self.register_args(device, self.server.url), expect(0, result="registered"),
+                    env=env)
 
     def _recovery(self, delay: float) -> Callable[[int], Case]:
         def prepare(i: int) -> Case:

@@ -18,6 +18,7 @@ checks that no import, not even one inside a function, goes round in a circle):
 - ``result``    ``Result``, the record of what a run did (the JSON object's keys)
 - ``devicekey`` the interface of a device key (a key in a file, or on a PKCS#11 token)
 - ``identity``  the key in a file, the CSR, and checks of what the server sent back
+- ``hsm``       the key on a PKCS#11 token (python-pkcs11; imported in HSM mode only)
 - ``client``    the HTTP request to the registration server
 - ``install``   verify the answer and install it into the sota dir atomically
 - ``progress``, ``retry``  status lines; the backoff policy and the retry loop, bounded

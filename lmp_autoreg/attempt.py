@@ -28,8 +28,9 @@ its own is journaled: that completes, and then drops them).
 Keys. ``keys`` is a ``devicekey.KeyKind``: it makes the identity's key and reads it back
 from the record the state keeps; the attempt uses the key only through
 ``devicekey.DeviceKey`` (``public_key()``, ``sign_csr(builder)``, ``record()``,
-``certifies(cert)``, ``files()``). ``identity.FILE_KEYS``, a key in ``pkey.pem``, is the
-one kind so far; a key on a PKCS#11 token is another such pair of classes.
+``certifies(cert)``, ``files()``, ``config()``, ``store_certificate(cert)``):
+``identity.FILE_KEYS``, a key in ``pkey.pem``, or ``hsm.TokenKeys``, a key on a PKCS#11
+token.
 """
 
 import logging
@@ -258,6 +259,8 @@ class Attempt:
         # install completed from the journal) goes first: sota.toml, written last, must not
         # appear beside the old sql.db.
         self.remove_previous(keep=frozenset(names))
+        if self.key is not None:
+            self.key.store_certificate(identity.load_certificate(files["client.pem"]))
         try:
             install.install(sota, plan)
         except LocalFailure:

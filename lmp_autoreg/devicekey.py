@@ -17,7 +17,11 @@ these methods, and nothing else changes.
 - ``certifies(cert)``: whether the certificate is for this key (``install.verify_answer``
   refuses an answer that is not);
 - ``files()``: the files to install with the answer, name to content, each mode 0600:
-  ``{"pkey.pem": ...}`` for a file key, ``{}`` for a key on a token.
+  ``{"pkey.pem": ...}`` for a file key, ``{}`` for a key on a token;
+- ``config()``: TOML the device adds to the server's ``sota.toml`` (a token key's
+  ``[p11]`` section, with the PIN: ``sota.toml`` is then 0600); ``""`` for a file key;
+- ``store_certificate(cert)``: the answer is verified and about to be installed: a token
+  key stores the certificate on the token; a file key has nothing to do.
 
 ``KeyKind``:
 
@@ -51,6 +55,10 @@ class DeviceKey(Protocol):
     def certifies(self, cert: x509.Certificate) -> bool: ...
 
     def files(self) -> dict[str, bytes]: ...
+
+    def config(self) -> str: ...
+
+    def store_certificate(self, cert: x509.Certificate) -> None: ...
 
 
 class KeyKind(Protocol):

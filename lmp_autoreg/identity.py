@@ -109,6 +109,12 @@ class FileKey:
     def files(self) -> dict[str, bytes]:
         return {"pkey.pem": self.pem}
 
+    def config(self) -> str:
+        return ""
+
+    def store_certificate(self, cert: x509.Certificate) -> None:
+        return None  # pkey.pem is installed with the answer
+
     def __repr__(self) -> str:
         return "FileKey(<private>)"
 

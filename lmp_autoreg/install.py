@@ -44,7 +44,8 @@ def verify_answer(
 
     ``key`` is the device key, which the certificate must be for (None: not known here).
     The plan starts with the key's own files (``pkey.pem`` of a key in a file; none of a
-    key on a token) and ends with ``sota.toml``.
+    key on a token) and ends with ``sota.toml``, with what the key adds to it (a token
+    key's ``[p11]`` section, which holds the PIN: ``sota.toml`` is then 0600).
     """
     from . import identity  # cryptography is needed only once there is an answer
 
@@ -79,9 +80,17 @@ def verify_answer(
     if not files["sota.toml"].strip():
         raise BadAnswer("sota.toml is empty")
     try:
-        tomllib.loads(files["sota.toml"])
+        config = tomllib.loads(files["sota.toml"])
     except tomllib.TOMLDecodeError as e:
         raise BadAnswer(f"sota.toml is not valid TOML: {e}") from e
+    sota_toml, sota_mode = files["sota.toml"], FILE_MODE
+    added = key.config() if key is not None else ""
+    if added:
+        clash = sorted(config.keys() & tomllib.loads(added).keys())
+        if clash:
+            raise BadAnswer(f"sota.toml has a [{clash[0]}] section already: the device "
+                            "writes it")
+        sota_toml, sota_mode = sota_toml.rstrip("\n") + "\n\n" + added, KEY_MODE
 
     plan = []
     for name, data in (key.files() if key is not None else {}).items():
@@ -89,7 +98,7 @@ def verify_answer(
     for name in sorted(files):
         if name != "sota.toml":
             plan.append(PlannedFile(name, files[name].encode(), FILE_MODE))
-    plan.append(PlannedFile("sota.toml", files["sota.toml"].encode(), FILE_MODE))
+    plan.append(PlannedFile("sota.toml", sota_toml.encode(), sota_mode))
     return plan
 
 
@@ -99,7 +108,7 @@ def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
     Files that existed before are restored on failure, so nothing is lost. Raises
     ``LocalFailure`` naming the path that failed.
     """
-    previous: dict[Path, bytes | None] = {}
+    previous: dict[Path, tuple[bytes, int] | None] = {}
     written: list[Path] = []
     path = sota
     try:
@@ -144,22 +153,24 @@ def _check_nothing_in_the_way(sota: Path, plan: list[PlannedFile]) -> None:
                                "way; nothing was installed")
 
 
-def _read_or_none(path: Path) -> bytes | None:
+def _read_or_none(path: Path) -> tuple[bytes, int] | None:
+    """The file's bytes and its mode (an HSM's sota.toml holds the PIN: 0600 stays)."""
     try:
-        return path.read_bytes()
+        return path.read_bytes(), path.stat().st_mode & 0o777
     except FileNotFoundError:
         return None
 
 
-def _restore(previous: dict[Path, bytes | None]) -> list[str]:
+def _restore(previous: dict[Path, tuple[bytes, int] | None]) -> list[str]:
     """Put back what ``install`` found; best effort. Return the names it could not."""
     stuck = []
-    for path, data in reversed(previous.items()):
+    for path, before in reversed(previous.items()):
         try:
-            if data is None:
+            if before is None:
                 path.unlink(missing_ok=True)
             else:
-                write_atomic(path, data, FILE_MODE if path.name != "pkey.pem" else KEY_MODE)
+                data, mode = before
+                write_atomic(path, data, KEY_MODE if path.name == "pkey.pem" else mode)
         except OSError as e:
             LOG.error("could not roll back %s: %s", path, e.strerror or e)
             stuck.append(path.name)

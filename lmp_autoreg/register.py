@@ -54,22 +54,23 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
     paths = settings.paths
     if not force:
         guard.check_not_registered(paths.sota, str(paths.sota_device))
-    if settings.hsm is not None and settings.backend == "native":
-        raise ConfigError(
-            f"an HSM is configured ({settings.hsm.module}): the native backend makes file "
-            "keys only; use --backend lmp-device-register"
-        )
+    on_token = settings.hsm is not None and settings.backend == "native"
+    if on_token:
+        _check_pkcs11()
 
     result = _describe(settings, settings.uuid)
     try:
         if dry_run:
             return _dry_run(settings, result, force=force)
-        with Attempt.locked(settings, result, _key_kind(), force=force) as attempt:
+        if on_token and settings.uuid is None:
+            settings = _uuid_of_the_slot(settings)
+        with Attempt.locked(settings, result, _key_kind(settings, force=force),
+                            force=force) as attempt:
             if not attempt.resume():
                 if settings.backend == "lmp-device-register":
                     _register_with_tool(attempt, deadline, force=force)
                 else:
-                    _register_native(attempt, deadline)
+                    _register_native(attempt, deadline, force=force)
         # After the lock: the check-in may take a while, and the device is registered.
         from .poststeps import run_post_steps
 
@@ -80,23 +81,52 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
         raise
 
 
-def _key_kind() -> "KeyKind":
-    """The kind of key the device's identity has: a key in a file."""
+def _key_kind(settings: Settings, *, force: bool) -> "KeyKind":
+    """The kind of key the device's identity has: on the PKCS#11 token (HSM mode, native
+    backend), else in a file."""
     from . import identity
 
+    if settings.hsm is not None and settings.backend == "native":
+        from . import hsm
+
+        return hsm.TokenKeys(settings.hsm, force=force)
     return identity.FILE_KEYS
+
+
+def _check_pkcs11() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pkcs11") is None:
+        raise ConfigError(
+            "an HSM is configured, but python-pkcs11 is not installed: install "
+            "lmp-autoreg[hsm] (python3-python-pkcs11), or use --backend lmp-device-register"
+        )
+
+
+def _uuid_of_the_slot(settings: Settings) -> Settings:
+    """No --uuid: a uuid in a PKCS#11 slot's description is the device's, as the C++
+    tool takes it (a secure element may name its slot after the device)."""
+    from . import hsm
+
+    assert settings.hsm is not None
+    uuid = hsm.slot_uuid(settings.hsm)
+    if uuid is None:
+        return settings
+    LOG.info("the PKCS#11 slot names the uuid %s: registering under it", uuid)
+    return settings._replace(uuid=uuid)
 
 
 def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
     from . import client, identity
 
-    keys = _key_kind()
+    # A dry run touches no token: its CSR is signed by a throwaway key in memory.
+    keys = identity.FILE_KEYS
     pending = None if force else State(settings.paths).peek_identity()
     uuid, key = settings.uuid or random_uuid(), None
     if pending is not None and settings.uuid in (None, pending.uuid):
         uuid = pending.uuid
         LOG.info("would reuse the identity of an interrupted attempt: %s", pending.uuid)
-        if pending.key is not None:
+        if isinstance(pending.key, str):  # a key in a file (a token key stays unread)
             try:
                 key = keys.load(pending.key)
             except ValueError as e:
@@ -120,7 +150,7 @@ def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
     return result
 
 
-def _register_native(attempt: Attempt, deadline: Deadline) -> None:
+def _register_native(attempt: Attempt, deadline: Deadline, *, force: bool) -> None:
     """The native backend: make the CSR, send it until an answer verifies, install it."""
     from . import client, identity
 
@@ -145,6 +175,7 @@ def _register_native(attempt: Attempt, deadline: Deadline) -> None:
     try:
         files, plan = retry(send, deadline, what=what)
     except ServerRefused as e:
+        _discard_new_key(attempt, force=force)
         if e.status == 409 and attempt.reused:
             raise ServerRefused(
                 f"{e} (uuid {uuid} is the identity of an interrupted attempt, which the "
@@ -153,9 +184,26 @@ def _register_native(attempt: Attempt, deadline: Deadline) -> None:
                 e.status,
             ) from e
         raise
+    except AutoregError:
+        _discard_new_key(attempt, force=force)
+        raise
     finally:
         http.close()
     attempt.install(files, plan)
+
+
+def _discard_new_key(attempt: Attempt, *, force: bool) -> None:
+    """A failed ``--force`` leaves a token as it found it: the old key and certificate
+    stayed; the new key goes (the next ``--force`` makes another anyway)."""
+    if not force or attempt.settings.hsm is None:
+        return
+    from . import hsm
+
+    if isinstance(attempt.key, hsm.TokenKey):
+        try:
+            attempt.key.discard()
+        except AutoregError as e:
+            LOG.warning("cannot remove the unused new key from the token: %s", e)
 
 
 def _register_with_tool(attempt: Attempt, deadline: Deadline, *, force: bool) -> None:

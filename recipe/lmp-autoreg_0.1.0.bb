@@ -129,6 +129,10 @@ RDEPENDS:${PN} += "python3-core \
                    python3-systemd \
                    python3-tomllib \
 "
+# HSM mode of the native backend (a PKCS#11 token, /etc/sota/hsm): python-pkcs11, which
+# meta-python lacks (recipe/python3-python-pkcs11_*.bb). Recommended, so that an image
+# without an HSM can leave it out (BAD_RECOMMENDATIONS).
+RRECOMMENDS:${PN} += "python3-python-pkcs11"
 
 # Replaces the shell-script package: same command, unit and token file.
 RPROVIDES:${PN} += "lmp-device-auto-register"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import clean_env
+from conftest import clean_env, require_tool
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
@@ -76,4 +76,14 @@ def test_unknown_scenario_is_a_usage_error(tmp_path):
     listing = bench("--list", "--out", str(tmp_path))
     assert listing.returncode == 0
     names = [line.split()[0] for line in listing.stdout.splitlines()]
-    assert names == ["happy", "registered", "status", "dry-run", "help", "apps1000", "recovery"]
+    assert names == ["happy", "registered", "status", "dry-run", "help", "apps1000", "hsm",
+                     "recovery"]
+
+
+def test_the_hsm_scenario_registers_with_a_softhsm_token(tmp_path):
+    require_tool("softhsm2-util")
+    run = bench("--runs", "1", "--only", "hsm", "--check", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    [row] = results(tmp_path)["scenarios"]
+    assert row["ok"], row["failure"]
+    assert row["baseline"] == "import floor" and row["wall_ratio"] > 0

@@ -22,7 +22,9 @@ import pytest
 from lmp_autoreg import identity
 from lmp_autoreg.testing.server import RegistrationServer, Reply
 
-from conftest import Run, clean_env, device_args
+from conftest import Run, clean_env, device_args, run_cli
+from pausing import Paused
+from softhsm import SoftHsm
 
 REGISTERED = ["client.chained", "client.pem", "pkey.pem", "root.crt", "sota.toml"]
 APPS = ["compose-apps"]
@@ -146,3 +148,59 @@ def test_fault(device_root, sota, row: Row):
         assert left_in(sota) == APPS  # nothing installed
         assert state_files(sota) == ["identity.json", "lock"]  # kept for the next run
         assert run.json["error"]["kind"] in ("no-answer", "bad-answer", "refused")
+
+
+@dataclass
+class HsmRow:
+    kill_at: str | None = None  # a testhook step: kill -9 there, then run again
+    hsm: dict = field(default_factory=SoftHsm.settings)
+    exit: int = 0
+    message: str = ""
+
+
+HSM_ROWS = {
+    "hsm: killed after key generation": HsmRow(kill_at="before-request"),
+    "hsm: killed after the certificate is stored, before sota.toml":
+        HsmRow(kill_at="before-sota-toml"),
+    "hsm: the token refuses the login": HsmRow(hsm=SoftHsm.settings(pin="wrong-pin"), exit=2,
+                                               message="refused the login"),
+    "hsm: the module does not load": HsmRow(hsm=SoftHsm.settings(module="/nonexistent.so"),
+                                            exit=2, message="does not load"),
+}
+
+
+@pytest.mark.parametrize("row", HSM_ROWS.values(), ids=HSM_ROWS.keys())
+def test_hsm_fault(tmp_path, row: HsmRow):
+    """HSM mode: the same uuid and the same key on the token to the end, one request."""
+    from lmp_autoreg.testing.device import FakeDevice
+
+    token = SoftHsm(tmp_path / "softhsm")
+    token.init_token()
+    device = FakeDevice(tmp_path / "device", hsm=row.hsm).build()
+    with RegistrationServer() as server:
+        server.reject_duplicates = True  # a second request for the uuid would fail
+        args = device_args(device, server, "--json")
+        point = None
+        if row.kill_at is not None:
+            with Paused(row.kill_at, tmp_path / "marker", args, env=token.env) as paused:
+                objects = token.objects()
+                paused.kill()
+            point = objects["public_key:tls"][0]["point"]
+            stored = "certificate:client" in objects
+            assert stored is (row.kill_at == "before-sota-toml")
+            assert "sota.toml" not in left_in(device.sota)  # not registered
+        run = run_cli(*args, env=token.env)
+        posts = [r for r in server.requests if r.method == "POST"]
+    assert run.returncode == row.exit, run.stderr
+    assert row.message in run.stderr
+    if row.exit:
+        assert posts == [] and left_in(device.sota) == APPS
+        assert token.counts() == {}  # nothing made on the token
+        return
+    assert len(posts) == 1 and posts[0].json["uuid"] == run.json["uuid"]
+    assert left_in(device.sota) == sorted(
+        [*APPS, *(n for n in REGISTERED if n != "pkey.pem")])
+    assert token.counts() == {"private_key:tls": 1, "public_key:tls": 1,
+                              "certificate:client": 1}
+    if point is not None:  # the key made before the kill, never a second one
+        assert token.objects()["public_key:tls"][0]["point"] == point

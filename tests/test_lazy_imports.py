@@ -23,7 +23,7 @@ from conftest import clean_env, device_args, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 # Never on an early end: the network and crypto stacks...
-NETWORK_AND_CRYPTO = ("requests", "urllib3", "http.client", "ssl", "cryptography")
+NETWORK_AND_CRYPTO = ("requests", "urllib3", "http.client", "ssl", "cryptography", "pkcs11")
 # ...nor what the guard was written to do without (each costs milliseconds of start-up).
 STDLIB_UNUSED = (
     "logging", "pathlib", "dataclasses", "typing", "tomllib", "uuid", "subprocess", "shutil",
@@ -82,7 +82,7 @@ def test_registration_without_post_steps_loads_no_heavy_stdlib(tmp_path, device_
     ``serialization`` package (which imports its SSH support and ``dataclasses``)."""
     code, modules, _, _ = probe(tmp_path, *device_args(device_root, registration_server))
     assert code == 0
-    heavy = ("subprocess", "dataclasses", "inspect", "uuid",
+    heavy = ("subprocess", "dataclasses", "inspect", "uuid", "pkcs11",
              "cryptography.hazmat.primitives.serialization")
     assert loaded(modules, heavy) == []
 

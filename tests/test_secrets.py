@@ -66,8 +66,8 @@ def test_token_and_key_never_show_on_failure(device_root, registration_server, r
 @pytest.mark.parametrize("extra", [[], ["--dry-run"], ["--backend", "native"],
                                    ["--hsm-so-pin", SO_PIN]])
 def test_hsm_pins_never_show(device_root, registration_server, extra):
-    # Given on the command line, with the native backend (which refuses an HSM), or
-    # with a PIN missing: every one of these is an error, and none shows a PIN.
+    # Given on the command line, with a PIN missing, or complete but for a module with no
+    # aktualizr token on this machine: every one of these is an error, none shows a PIN.
     args = ["--hsm-module", "/usr/lib/softhsm/libsofthsm2.so", "--hsm-pin", PIN]
     run = run_cli(*device_args(device_root, registration_server, "-vv", "--json", *args,
                                *extra))
