@@ -54,6 +54,7 @@ def test_body_matches_the_spec_example(tmp_path, registration_server):
 def test_optional_fields(tmp_path, registration_server):
     device = FakeDevice(tmp_path / "dev", apps=()).build()
     (device.sota / "reset-apps").mkdir()
+    registration_server.accept_group = True  # as the Foundries API does
     run = run_cli(*device_args(device, registration_server, "--device-group", "lab",
                                "--name", "jig-7", "--uuid", "11111111-2222-4333-8444-555555555555",
                                "--api-token-header", "X-Custom-Token"))

@@ -61,7 +61,7 @@ def test_device_certificate_fields_match_cryptography(ca, production):
 
 
 def test_ca_certificate_with_version_and_extensions(ca):
-    assert der.common_name(ca.cert_pem) == "lmp-autoreg test CA"
+    assert der.common_name(ca.cert_pem) == "Factory-CA"
     assert der.not_after(der.pem_to_der(ca.cert_pem)) == ca.cert.not_valid_after_utc.isoformat()
 
 
@@ -102,7 +102,7 @@ def test_no_common_name(ca):
 def test_first_certificate_of_a_chain(ca):
     pem = device_cert(ca)
     assert der.common_name("junk before\n" + pem + ca.cert_pem) == UUID
-    assert der.common_name(ca.cert_pem + pem) == "lmp-autoreg test CA"
+    assert der.common_name(ca.cert_pem + pem) == "Factory-CA"
 
 
 def pem_of(data: bytes) -> str:

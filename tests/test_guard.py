@@ -45,7 +45,7 @@ def test_check_names_the_uuid_or_does_without(tmp_path, registration_server):
     assert guard.registered_uuid(tmp_path) is None
     ca = registration_server.ca
     (tmp_path / "client.pem").write_text(ca.cert_pem)
-    with pytest.raises(AlreadyRegistered, match=r"uuid lmp-autoreg test CA\): nothing to do"):
+    with pytest.raises(AlreadyRegistered, match=r"uuid Factory-CA\): nothing to do"):
         guard.check_not_registered(tmp_path)
     (tmp_path / "client.pem").unlink()
     assert guard.registered_uuid(tmp_path) is None

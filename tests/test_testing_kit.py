@@ -7,6 +7,7 @@ entry point; nothing in the test tree registers it again.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -102,38 +103,46 @@ def subject_value(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
 # -- ThrowawayCA ----------------------------------------------------------------------
 
 
-def test_ca_root_is_a_self_signed_ca_valid_now(tmp_path: Path) -> None:
-    ca = ThrowawayCA("kit root")
+def test_ca_has_a_root_and_an_intermediate_of_the_factory(tmp_path: Path) -> None:
+    ca = ThrowawayCA("kit")
     root = x509.load_pem_x509_certificate(ca.cert_pem.encode())
+    middle = x509.load_pem_x509_certificate(ca.intermediate_pem.encode())
     assert root.subject == root.issuer
-    assert subject_value(root, NameOID.COMMON_NAME) == "kit root"
-    assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert subject_value(root, NameOID.COMMON_NAME) == "Factory-CA"
+    assert subject_value(middle, NameOID.COMMON_NAME) == "local-ca"
+    for cert in (root, middle):
+        assert subject_value(cert, NameOID.ORGANIZATIONAL_UNIT_NAME) == "kit"
+        assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        assert cert.not_valid_before_utc.timestamp() < time.time() - 3600
+        assert cert.not_valid_after_utc.timestamp() > time.time() + 700 * 86400
     root.verify_directly_issued_by(root)
-    assert root.not_valid_before_utc.timestamp() < time.time() - 3600
-    assert root.not_valid_after_utc.timestamp() > time.time() + 700 * 86400
+    middle.verify_directly_issued_by(root)
     written = ca.write_ca(tmp_path / "ca.pem")
     assert written.read_text() == ca.cert_pem
 
 
-def test_ca_signs_csr_with_its_subject_and_key() -> None:
+def test_ca_signs_csr_with_its_intermediate_and_the_uuid_as_serial() -> None:
     ca = ThrowawayCA()
     uuid = str(uuidlib.uuid4())
     key, csr = make_csr(uuid, "acme", production=True)
     cert = x509.load_pem_x509_certificate(ca.sign_csr(csr).encode())
-    cert.verify_directly_issued_by(ca.cert)
+    cert.verify_directly_issued_by(ca.intermediate)
+    assert cert.issuer == ca.intermediate.subject
+    assert cert.serial_number == uuidlib.UUID(uuid).int
     assert subject_value(cert, NameOID.COMMON_NAME) == uuid
     assert subject_value(cert, NameOID.ORGANIZATIONAL_UNIT_NAME) == "acme"
     assert subject_value(cert, NameOID.BUSINESS_CATEGORY) == "production"
     assert public_bytes(cert.public_key()) == public_bytes(key.public_key())
-    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).critical
     days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
-    assert 360 <= days <= 370
+    assert days == 7300
 
 
 def test_ca_sign_csr_can_replace_ou_and_rejects_garbage() -> None:
     ca = ThrowawayCA()
-    _, csr = make_csr("u-1", "acme")
+    _, csr = make_csr(str(uuidlib.uuid4()), "acme")
     cert = x509.load_pem_x509_certificate(ca.sign_csr(csr, ou="other").encode())
     assert [
         a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
@@ -142,16 +151,62 @@ def test_ca_sign_csr_can_replace_ou_and_rejects_garbage() -> None:
         ca.sign_csr(
             "-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n"
         )
+    with pytest.raises(ValueError, match="not a uuid"):
+        ca.sign_csr(make_csr("not-a-uuid")[1])
 
 
 def test_ca_cert_for_other_key_has_uuid_but_unrelated_key() -> None:
     ca = ThrowawayCA()
     key, _ = make_csr("u-2")
     cert = x509.load_pem_x509_certificate(ca.cert_for_other_key("u-2", ou="acme").encode())
-    cert.verify_directly_issued_by(ca.cert)
+    cert.verify_directly_issued_by(ca.intermediate)
     assert subject_value(cert, NameOID.COMMON_NAME) == "u-2"
     assert subject_value(cert, NameOID.ORGANIZATIONAL_UNIT_NAME) == "acme"
     assert public_bytes(cert.public_key()) != public_bytes(key.public_key())
+
+
+def test_ca_cert_for_key_with_other_cn_keeps_the_key() -> None:
+    ca = ThrowawayCA()
+    key, _ = make_csr("u-3")
+    other = str(uuidlib.uuid4())
+    cert = x509.load_pem_x509_certificate(
+        ca.cert_for_key_with_other_cn(key.public_key(), other).encode()
+    )
+    cert.verify_directly_issued_by(ca.intermediate)
+    assert subject_value(cert, NameOID.COMMON_NAME) == other
+    assert cert.serial_number == uuidlib.UUID(other).int
+    assert public_bytes(cert.public_key()) == public_bytes(key.public_key())
+
+
+def test_ca_saved_to_a_directory_is_the_same_ca_when_loaded(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = ThrowawayCA.load_or_create(state, "acme")
+    assert state.stat().st_mode & 0o777 == 0o700
+    modes = {p.name: p.stat().st_mode & 0o777 for p in state.iterdir()}
+    assert modes == {
+        "factory_ca.key": 0o600,
+        "local-ca.key": 0o600,
+        "factory_ca.pem": 0o644,
+        "local-ca.pem": 0o644,
+    }
+    again = ThrowawayCA.load_or_create(state, "acme")
+    assert again.cert_pem == first.cert_pem == (state / "factory_ca.pem").read_text()
+    assert again.intermediate_pem == first.intermediate_pem
+    _, csr = make_csr(str(uuidlib.uuid4()))
+    cert = x509.load_pem_x509_certificate(again.sign_csr(csr).encode())
+    cert.verify_directly_issued_by(first.intermediate)
+
+
+def test_ca_directory_of_another_factory_or_half_a_ca_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ThrowawayCA.load_or_create(state, "acme")
+    with pytest.raises(ValueError, match="factory 'acme', not 'other'"):
+        ThrowawayCA.load_or_create(state, "other")
+    (state / "local-ca.key").unlink()
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    with pytest.raises(ValueError, match="local-ca.key missing"):
+        ThrowawayCA.load_or_create(state, "acme")
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
 
 
 def test_ca_server_cert_has_ip_and_dns_names() -> None:
@@ -184,85 +239,182 @@ def test_201_answer_carries_a_certificate_for_the_csr(
     assert answer.status_code == 201
     assert answer.headers["Content-Type"] == "application/json"
     files = answer.json()
+    ca = registration_server.ca
     assert set(files) == {"root.crt", "client.pem", "client.chained", "sota.toml"}
-    assert files["root.crt"] == registration_server.ca.cert_pem
-    assert files["client.chained"] == files["client.pem"] + files["root.crt"]
+    assert files["root.crt"] == ca.cert_pem
+    assert files["client.chained"] == files["client.pem"] + "\n" + ca.intermediate_pem
     cert = x509.load_pem_x509_certificate(files["client.pem"].encode())
-    cert.verify_directly_issued_by(registration_server.ca.cert)
+    cert.verify_directly_issued_by(ca.intermediate)
+    assert cert.serial_number == uuidlib.UUID(uuid).int
     assert subject_value(cert, NameOID.COMMON_NAME) == uuid
     assert subject_value(cert, NameOID.ORGANIZATIONAL_UNIT_NAME) == "acme"
     assert public_bytes(cert.public_key()) == public_bytes(key.public_key())
     assert registration_server.registered == {uuid: files["client.pem"]}
 
 
-def test_sota_toml_parses_and_carries_the_overrides(
+def test_sota_toml_has_the_reference_sections_and_the_overrides(
     registration_server: RegistrationServer,
 ) -> None:
-    body = make_body(**{"sota-config-dir": "/var/sota"})
-    body["overrides"]["tls"] = {"pkey_source": '"pkcs11"', "cert_source": '"pkcs11"'}
-    body["overrides"]["storage"] = {"tls_pkey_path": '""'}
-    body["overrides"]["import"] = {"tls_clientcert_path": '""'}
+    body = make_body(**{"hardware-id": "rpi4", "sota-config-dir": "/var/sota"})
     body["overrides"]["extra"] = {"answer": "42"}
-    toml = tomllib.loads(post(registration_server, body).json()["sota.toml"])
-    assert toml["pacman"]["type"] == "ostree+compose_apps"
-    assert toml["pacman"]["tags"] == "main"
-    assert toml["pacman"]["compose_apps"] == "app1,app2"
-    assert toml["pacman"]["ostree_server"].endswith("/treehub")
-    assert toml["tls"]["server"] == "https://ota-lite.foundries.io:8443"
-    assert toml["tls"]["ca_source"] == "file"
-    assert toml["tls"]["pkey_source"] == "pkcs11"
-    assert toml["tls"]["cert_source"] == "pkcs11"
-    assert toml["provision"]["server"] == "https://ota-lite.foundries.io:8443"
-    assert toml["uptane"]["key_source"] == "file"
-    assert toml["storage"] == {"type": "sqlite", "path": "/var/sota", "tls_pkey_path": ""}
-    assert toml["import"]["base_path"] == "/var/sota"
-    assert toml["import"]["tls_cacert_path"] == "/var/sota/root.crt"
-    assert toml["import"]["tls_pkey_path"] == "/var/sota/pkey.pem"
-    assert toml["import"]["tls_clientcert_path"] == ""
+    text = post(registration_server, body).json()["sota.toml"]
+    toml = tomllib.loads(text)
+    assert list(toml) == ["tls", "provision", "uptane", "pacman", "storage", "import", "extra"]
+    assert toml["tls"] == {
+        "server": "https://ota-lite.foundries.io:8443",
+        "ca_source": "file",
+        "pkey_source": "file",
+        "cert_source": "file",
+    }
+    assert toml["provision"] == {
+        "server": "https://ota-lite.foundries.io:8443",
+        "primary_ecu_hardware_id": "rpi4",
+    }
+    assert toml["uptane"] == {
+        "repo_server": "https://ota-lite.foundries.io:8443/repo",
+        "key_source": "file",
+    }
+    assert toml["pacman"] == {
+        "type": "ostree+compose_apps",
+        "ostree_server": "https://ostree.foundries.io:8443/ostree",
+        "compose_apps_root": "/var/sota/compose-apps",
+        "compose_apps": "app1,app2",
+        "reset_apps_root": "/var/sota/reset-apps",
+        "tags": "main",
+    }
+    assert toml["storage"] == {"type": "sqlite", "path": "/var/sota/"}
+    assert toml["import"] == {
+        "tls_cacert_path": "/var/sota/root.crt",
+        "tls_pkey_path": "/var/sota/pkey.pem",
+        "tls_clientcert_path": "/var/sota/client.pem",
+    }
     assert toml["extra"] == {"answer": 42}
+    assert "[pacman]\ntype = \"ostree+compose_apps\"\n" in text  # pasted in place, verbatim
 
 
-def test_sota_toml_without_ostree_server_or_overrides(
+def test_sota_toml_empty_override_is_a_comment_and_the_file_stays_toml(
+    registration_server: RegistrationServer,
+) -> None:
+    body = make_body()
+    body["overrides"]["tls"] = {"pkey_source": '"pkcs11"', "cert_source": '"pkcs11"'}
+    body["overrides"]["storage"] = {"tls_pkey_path": "", "tls_clientcert_path": ""}
+    body["overrides"]["import"] = {"tls_pkey_path": "", "tls_clientcert_path": '""'}
+    text = post(registration_server, body).json()["sota.toml"]
+    toml = tomllib.loads(text)
+    assert "# tls_pkey_path is not set\n" in text
+    assert "# tls_clientcert_path is not set\n" in text
+    assert toml["tls"]["pkey_source"] == toml["tls"]["cert_source"] == "pkcs11"
+    assert toml["storage"] == {"type": "sqlite", "path": "/var/sota/"}
+    assert toml["import"] == {"tls_cacert_path": "/var/sota/root.crt", "tls_clientcert_path": ""}
+
+
+def test_sota_toml_without_overrides_in_another_sota_dir(
     registration_server: RegistrationServer,
 ) -> None:
     body = make_body(**{"use-ostree-server": "false", "sota-config-dir": "/data/sota"})
     del body["overrides"]
     toml = tomllib.loads(post(registration_server, body).json()["sota.toml"])
-    assert "ostree_server" not in toml["pacman"]
-    assert toml["storage"]["path"] == "/data/sota"
+    assert toml["pacman"]["ostree_server"] == "https://ostree.foundries.io:8443/ostree"
+    assert toml["storage"]["path"] == "/data/sota/"
     assert toml["import"]["tls_clientcert_path"] == "/data/sota/client.pem"
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "status", "message"),
     [
-        ({"csr": "not a csr"}, "Invalid CSR"),
-        ({"csr": None}, "Missing field: 'csr'"),
-        ({"uuid": None}, "Missing field: 'uuid'"),
-        ({"uuid": "someone-else"}, "must be the uuid(someone-else)"),
-        ({"overrides": {"pacman": {"tags": 1}}}, "Invalid overrides"),
+        ({"csr": None}, 400, "Missing required field 'csr'"),
+        ({"csr": ""}, 400, "Missing required field 'csr'"),
+        ({"csr": ["x"]}, 400, "Invalid data type for 'csr'"),
+        ({"hardware-id": None}, 400, "Missing required field 'hardware-id'"),
+        ({"hardware-id": ""}, 400, "Missing required field 'hardware-id'"),
+        ({"csr": "not a csr"}, 400, "Unable to load PEM file"),
+        ({"group": "lab"}, 400, "Registration-reference does not support 'group' field"),
+        ({"overrides": {"pacman": {"tags": 1}}}, 500, "Internal Server Error"),
+        ({"overrides": ["x"]}, 500, "Internal Server Error"),
     ],
 )
-def test_malformed_requests_get_400(
-    registration_server: RegistrationServer, change: dict, message: str
+def test_malformed_requests_are_refused_in_the_reference_words(
+    registration_server: RegistrationServer, change: dict, status: int, message: str
 ) -> None:
     body = {k: v for k, v in {**make_body(), **change}.items() if v is not None}
     answer = post(registration_server, body)
-    assert answer.status_code == 400
-    assert message in answer.text
+    assert answer.status_code == status
+    assert answer.text.startswith(message)
+    assert answer.headers["Content-Type"].startswith("text/plain")
     assert registration_server.registered == {}
 
 
-def test_body_that_is_not_json_gets_400(registration_server: RegistrationServer) -> None:
-    answer = requests.post(registration_server.url, data=b"{nope", timeout=TIMEOUT)
-    assert answer.status_code == 400
-    assert "JSON" in answer.text
+def test_uuid_comes_from_the_csr_which_must_name_a_uuid(
+    registration_server: RegistrationServer,
+) -> None:
+    uuid = str(uuidlib.uuid4())
+    body = make_body(uuid)
+    body["uuid"] = "ignored"  # the reference server reads the uuid from the CSR only
+    assert post(registration_server, body).status_code == 201
+    assert list(registration_server.registered) == [uuid]
+    refused = post(registration_server, make_body("not-a-uuid"))
+    assert refused.status_code == 400
+    assert "not a uuid" in refused.text
+
+
+@pytest.mark.parametrize("body", [b"{nope", b"{}", b"[]", b"[1]"])
+def test_json_bodies_the_reference_server_cannot_use(
+    registration_server: RegistrationServer, body: bytes
+) -> None:
+    answer = requests.post(
+        registration_server.url,
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=TIMEOUT,
+    )
+    expected = {b"{nope": 400, b"{}": 400, b"[]": 400, b"[1]": 500}[body]
+    assert answer.status_code == expected
+    if body in (b"{}", b"[]"):
+        assert answer.text == "Missing request body"
+
+
+def test_a_request_that_is_not_json_gets_415(registration_server: RegistrationServer) -> None:
+    good = json.dumps(make_body()).encode()
+    for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-json"}):
+        answer = requests.post(registration_server.url, data=good, headers=headers, timeout=TIMEOUT)
+        assert answer.status_code == 415
+    typed = {"Content-Type": "application/json; charset=utf-8"}
+    assert requests.post(registration_server.url, data=good, headers=typed, timeout=TIMEOUT).ok
+    assert len(registration_server.registered) == 1
+
+
+def test_content_type_check_can_be_turned_off() -> None:
+    with RegistrationServer(check_content_type=False) as server:
+        answer = requests.post(server.url, data=json.dumps(make_body()), timeout=TIMEOUT)
+    assert answer.status_code == 201
+
+
+def test_head_answers_405_and_is_recorded_but_takes_no_scripted_reply(
+    registration_server: RegistrationServer,
+) -> None:
+    registration_server.enqueue(Reply(status=503))
+    head = requests.head(registration_server.url, timeout=TIMEOUT)
+    assert head.status_code == 405
+    assert head.headers["Allow"] == "POST"
+    assert post(registration_server).status_code == 503  # the scripted reply was kept
+    assert [r.method for r in registration_server.requests] == ["HEAD", "POST"]
+    assert [r.method for r in registration_server.posts] == ["POST"]
+    other = registration_server.url.replace("/sign", "/other")
+    assert requests.head(other, timeout=TIMEOUT).status_code == 404
+
+
+def test_head_status_is_a_knob() -> None:
+    with RegistrationServer(head_status=503) as server:
+        assert requests.head(server.url, timeout=TIMEOUT).status_code == 503
+        assert post(server).status_code == 201
 
 
 def test_wrong_path_and_method(registration_server: RegistrationServer) -> None:
     other = registration_server.url.replace("/sign", "/other")
     assert requests.post(other, json=make_body(), timeout=TIMEOUT).status_code == 404
     assert requests.get(registration_server.url, timeout=TIMEOUT).status_code == 405
+    put = requests.put(registration_server.url, json=make_body(), timeout=TIMEOUT)
+    assert put.status_code == 405
 
 
 def test_custom_path() -> None:
@@ -291,29 +443,29 @@ def test_token_header_name_is_configurable() -> None:
         assert post(server, headers={"X-Custom": "s3cret"}).status_code == 201
 
 
-def test_factory_mismatch_is_refused_with_the_reference_text() -> None:
-    with RegistrationServer(factory="acme") as server:
-        wrong = post(server, make_body(factory="other"))
-        none = post(server, make_body(factory=None))
-        right = post(server, make_body(factory="acme"))
-    assert wrong.status_code == 400
-    assert wrong.text == "Invalid factory(other) must be acme"
+def test_factory_is_the_ou_of_the_csr_by_default(registration_server: RegistrationServer) -> None:
+    wrong = post(registration_server, make_body(factory="other"))
+    none = post(registration_server, make_body(factory=None))
+    right = post(registration_server, make_body(factory="acme"))
+    assert (wrong.status_code, wrong.text) == (400, "Invalid factory(other) must be acme")
     assert wrong.headers["Content-Type"].startswith("text/plain")
-    assert none.status_code == 400
+    assert none.status_code == 500  # the reference server fails on a CSR without OU
     assert right.status_code == 201
 
 
-def test_reject_group() -> None:
-    with RegistrationServer(reject_group=True) as server:
-        grouped = post(server, make_body(group="lab"))
-        plain = post(server, make_body())
-    assert grouped.status_code == 400
-    assert "'group'" in grouped.text
-    assert plain.status_code == 201
+def test_factory_check_follows_the_factory_or_can_be_turned_off() -> None:
+    with RegistrationServer(factory="other") as server:
+        assert post(server, make_body(factory="other")).status_code == 201
+        assert post(server, make_body(factory="acme")).text == "Invalid factory(acme) must be other"
+    with RegistrationServer(factory=None) as server:
+        assert post(server, make_body(factory="anything")).status_code == 201
 
 
-def test_group_is_accepted_by_default(registration_server: RegistrationServer) -> None:
-    assert post(registration_server, make_body(group="lab")).status_code == 201
+def test_group_is_accepted_with_the_knob() -> None:
+    with RegistrationServer(accept_group=True) as server:
+        assert post(server, make_body(group="lab")).status_code == 201
+    with RegistrationServer() as server:
+        assert post(server, make_body(group="")).status_code == 201  # empty is no group
 
 
 def test_duplicates_are_rejected_only_when_asked(
@@ -505,10 +657,26 @@ def test_preset_other_key(registration_server: RegistrationServer) -> None:
     registration_server.enqueue(Reply.other_key())
     files = post(registration_server, body).json()
     cert = x509.load_pem_x509_certificate(files["client.pem"].encode())
-    cert.verify_directly_issued_by(registration_server.ca.cert)
+    cert.verify_directly_issued_by(registration_server.ca.intermediate)
     assert subject_value(cert, NameOID.COMMON_NAME) == uuid
     assert public_bytes(cert.public_key()) != public_bytes(key.public_key())
-    assert files["client.chained"] == files["client.pem"] + files["root.crt"]
+    assert files["client.chained"].startswith(files["client.pem"] + "\n")
+
+
+def test_preset_other_cn(registration_server: RegistrationServer) -> None:
+    uuid = str(uuidlib.uuid4())
+    key, csr = make_csr(uuid)
+    body = make_body(uuid)
+    body["csr"] = csr
+    registration_server.enqueue(Reply.other_cn())
+    files = post(registration_server, body).json()
+    cert = x509.load_pem_x509_certificate(files["client.pem"].encode())
+    cert.verify_directly_issued_by(registration_server.ca.intermediate)
+    other = subject_value(cert, NameOID.COMMON_NAME)
+    assert other != uuid
+    assert cert.serial_number == uuidlib.UUID(other).int
+    assert public_bytes(cert.public_key()) == public_bytes(key.public_key())
+    assert files["client.chained"].startswith(files["client.pem"] + "\n")
 
 
 def test_preset_truncated(registration_server: RegistrationServer) -> None:

@@ -1,20 +1,26 @@
-"""A loopback device registration server for tests.
+"""A loopback device registration server for tests: a faithful factory-registration-ref.
 
-It speaks the ``/sign`` protocol of the factory's registration service (SPEC section 2):
-a JSON POST with the device's CSR, answered by HTTP 201 and a JSON object mapping file
-names to contents. Tests steer it with scripted :class:`Reply` objects to produce the
-faults an agent must survive: error codes, slow answers, broken bodies, bad files.
+It speaks the ``/sign`` protocol of the factory's registration service (SPEC sections 2
+and 8) the way the reference server does: a JSON POST with the device's CSR, answered by
+HTTP 201 and a JSON object mapping file names to contents, signed by a two-level factory
+PKI; ``HEAD`` answers 405, a request that is not JSON 415, and its refusals are plain text
+in the reference server's words. Each of those behaviours has a knob for a test that needs
+the other answer (a Foundries API that accepts ``group``, say). Tests steer it with
+scripted :class:`Reply` objects to produce the faults an agent must survive: error codes,
+slow answers, broken bodies, bad files.
 
 Everything it serves is built in memory; the only disk files (the CA certificate and,
 for HTTPS, the server's certificate and key) are written to a real temporary directory
 when the server is created and removed when it stops, so a test may switch pyfakefs on
-while the server runs.
+while the server runs. With ``state_dir`` the CA lives in that directory instead and
+outlives the server (``python -m lmp_autoreg.testing serve``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -22,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,14 +39,18 @@ from types import TracebackType
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from lmp_autoreg.testing._realdisk import real_disk
-from lmp_autoreg.testing.ca import ThrowawayCA
+from lmp_autoreg.testing.ca import ROOT_CERT, ThrowawayCA, subject_value
 
 LOG = logging.getLogger(__name__)
 
-OTA_SERVER = "https://ota-lite.foundries.io:8443"
+# Where the sota.toml sends aktualizr-lite: a factory's device gateway and OSTree server.
+GATEWAY_SERVER = "https://ota-lite.foundries.io:8443"
+OSTREE_SERVER = "https://ostree.foundries.io:8443"
+GROUP_REFUSAL = "Registration-reference does not support 'group' field"
 # Longest time stop() waits for handler threads that are still writing an answer.
 _JOIN_TIMEOUT = 5.0
 # A client that connects but sends nothing is dropped after this many seconds.
@@ -90,9 +101,9 @@ class Reply:
     """How the server answers one request.
 
     - ``status``: the HTTP status. With ``body=None`` and a 2xx status the server does its
-      normal work (token, factory and group checks, signing) and sends the file dict; its
-      own check failures (401/400/409) win over ``status``. With ``body=None`` and any other
-      status it sends the status's reason phrase as plain text.
+      normal work (the reference server's checks, the token check, signing) and sends the
+      file dict; its own check failures (4xx, 500) win over ``status``. With
+      ``body=None`` and any other status it sends the status's reason phrase as plain text.
     - ``delay``: seconds to wait before answering (to outlast a client timeout). Stopping
       the server ends the wait and closes the connection without an answer.
     - ``body``: send these bytes (str is UTF-8 encoded) instead of the normal answer,
@@ -105,6 +116,8 @@ class Reply:
     - ``close``: read the request, then close the connection without any answer.
     - ``wrong_key``: replace ``client.pem`` (and ``client.chained``) with a certificate of
       the same subject signed by the same CA, but for a key the device does not hold.
+    - ``wrong_cn``: replace ``client.pem`` (and ``client.chained``) with a certificate for
+      the device's own key, signed by the same CA, whose CN is another (random) uuid.
     """
 
     status: int = 201
@@ -115,6 +128,7 @@ class Reply:
     truncate: int | None = None
     close: bool = False
     wrong_key: bool = False
+    wrong_cn: bool = False
 
     @classmethod
     def error(cls, status: int, message: str) -> Reply:
@@ -156,6 +170,11 @@ class Reply:
         return cls(wrong_key=True)
 
     @classmethod
+    def other_cn(cls) -> Reply:
+        """The normal 201 answer with a ``client.pem`` for the device's key but another CN."""
+        return cls(wrong_cn=True)
+
+    @classmethod
     def truncated(cls, nbytes: int = 64) -> Reply:
         """The normal 201 answer cut off after ``nbytes`` bytes of body."""
         return cls(truncate=nbytes)
@@ -171,41 +190,47 @@ def toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def sota_toml(body: Mapping[str, Any]) -> str:
-    """The ``sota.toml`` the server sends for a request ``body``.
+def sota_toml(
+    hardware_id: str,
+    overrides: Mapping[str, Mapping[str, str]] | None = None,
+    sota_dir: str = "/var/sota",
+) -> str:
+    """The ``sota.toml`` the reference server writes for a device.
 
-    Override values are TOML literals and are pasted in verbatim, as the real server does;
-    override sections the base configuration lacks are appended.
+    Its base configuration (the sections ``tls``, ``provision``, ``uptane``, ``pacman``,
+    ``storage`` and ``import``, in that order) takes the request's overrides: a value is a
+    TOML literal pasted in as it is, a key the section lacks is appended to it, a section
+    the base lacks is appended to the file. An empty value means "not set" and becomes a
+    comment, so the file is valid TOML whatever the overrides.
     """
-    sota = str(body.get("sota-config-dir") or "/var/sota").rstrip("/") or "/"
     q = toml_string
+    gateway, ostree = GATEWAY_SERVER, OSTREE_SERVER
     sections: dict[str, dict[str, str]] = {
         "tls": {
-            "server": q(OTA_SERVER),
+            "server": q(gateway),
             "ca_source": q("file"),
             "pkey_source": q("file"),
             "cert_source": q("file"),
         },
-        "provision": {"server": q(OTA_SERVER)},
-        "uptane": {"repo_server": q(f"{OTA_SERVER}/repo"), "key_source": q("file")},
-        "pacman": {"type": q("ostree"), "packages_file": q("/usr/package.manifest")},
-        "storage": {"type": q("sqlite"), "path": q(sota)},
+        "provision": {"server": q(gateway), "primary_ecu_hardware_id": q(hardware_id)},
+        "uptane": {"repo_server": q(f"{gateway}/repo"), "key_source": q("file")},
+        "pacman": {"type": q("ostree+compose_apps"), "ostree_server": q(f"{ostree}/ostree")},
+        "storage": {"type": q("sqlite"), "path": q(f"{sota_dir}/")},
         "import": {
-            "base_path": q(sota),
-            "tls_cacert_path": q(f"{sota}/root.crt"),
-            "tls_clientcert_path": q(f"{sota}/client.pem"),
-            "tls_pkey_path": q(f"{sota}/pkey.pem"),
+            "tls_cacert_path": q(f"{sota_dir}/root.crt"),
+            "tls_pkey_path": q(f"{sota_dir}/pkey.pem"),
+            "tls_clientcert_path": q(f"{sota_dir}/client.pem"),
         },
     }
-    if body.get("use-ostree-server") == "true":
-        sections["pacman"]["ostree_server"] = q(f"{OTA_SERVER}/treehub")
-    for section, values in (body.get("overrides") or {}).items():
+    for section, values in (overrides or {}).items():
         sections.setdefault(section, {}).update(values)
-    parts = []
+    blocks = []
     for section, values in sections.items():
-        lines = [f"[{section}]", *(f"{key} = {value}" for key, value in values.items())]
-        parts.append("\n".join(lines) + "\n")
-    return "\n".join(parts)
+        lines = [f"[{section}]"]
+        for key, value in values.items():
+            lines.append(f"{key} = {value}" if value else f"# {key} is not set")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
 
 
 class _Refusal(Exception):
@@ -217,24 +242,29 @@ class _Refusal(Exception):
         self.message = message
 
 
-def _subject_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
-    attrs = name.get_attributes_for_oid(oid)
-    if not attrs:
-        return None
-    value = attrs[0].value
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+def _overrides(value: object) -> dict[str, dict[str, str]]:
+    """The request's overrides; anything but sections of string values is a 500.
 
-
-def _check_overrides(value: object) -> dict[str, dict[str, str]]:
-    if value is None:
+    The reference server does not check them: it fails on the first value it cannot
+    paste, an uncaught error (HTTP 500).
+    """
+    if not value:
         return {}
     if not isinstance(value, dict) or not all(
         isinstance(section, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in section.items())
         for section in value.values()
     ):
-        raise _Refusal(400, "Invalid overrides: must map sections to string values")
+        raise _Refusal(500, "Internal Server Error")
     return value
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON (``application/json`` or ``.../something+json``)."""
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (
+        mime.startswith("application/") and mime.endswith("+json")
+    )
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -296,6 +326,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self.server.kit._handle(self)
 
+    def do_HEAD(self) -> None:
+        self.server.kit._handle(self)
+
     def read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
@@ -318,7 +351,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body if truncate is None else body[:truncate])
+        if self.command != "HEAD":
+            self.wfile.write(body if truncate is None else body[:truncate])
         self.wfile.flush()
 
 
@@ -326,35 +360,46 @@ class RegistrationServer:
     """A registration server on a loopback port, served from a background thread.
 
     Use it as a context manager or call :meth:`start` and :meth:`stop`. See the module
-    documentation and :class:`Reply` for the behaviour and the fault knobs.
+    documentation and :class:`Reply` for the behaviour and the fault knobs. The knobs that
+    turn a reference behaviour off: ``factory=None`` (any OU), ``accept_group=True`` (as
+    the Foundries API does), ``check_content_type=False`` (a body is read as JSON whatever
+    its Content-Type) and ``head_status`` (the answer to ``HEAD``, 405 by default).
     """
 
     def __init__(
         self,
         *,
         tls: bool = False,
-        factory: str | None = None,
+        factory: str | None = "acme",
         token: str | None = None,
         token_header: str = "OSF-TOKEN",
-        reject_group: bool = False,
+        accept_group: bool = False,
+        check_content_type: bool = True,
+        head_status: int = 405,
         host: str = "127.0.0.1",
+        port: int = 0,
         listen_delay: float = 0.0,
         path: str = "/sign",
+        state_dir: str | Path | None = None,
+        tls_names: Iterable[str] = (),
     ) -> None:
         self.tls = tls
         self.factory = factory
         self.token = token
         self.token_header = token_header
-        self.reject_group = reject_group
+        self.accept_group = accept_group
+        self.check_content_type = check_content_type
+        self.head_status = head_status
         self.host = host
         self.listen_delay = listen_delay
         self.path = path
+        self._port = port
         #: Answer 409 "Device already exists" to a uuid this server already registered.
         self.reject_duplicates = False
         #: The reply used once the queue of scripted replies is empty.
         self.default = Reply()
-        self.ca = ThrowawayCA()
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._queue: deque[Reply] = deque()
         self._requests: list[RecordedRequest] = []
         self._registered: dict[str, str] = {}
@@ -368,14 +413,24 @@ class RegistrationServer:
         self._ssl: ssl.SSLContext | None = None
         with real_disk():
             self._tmpdir = Path(tempfile.mkdtemp(prefix="lmp-autoreg-kit-"))
-            self.ca_file = self.ca.write_ca(self._tmpdir / "ca.crt")
+            if state_dir is None:
+                self.ca = ThrowawayCA(factory)
+                #: The root certificate, for the agent's ``--cacert``.
+                self.ca_file = self.ca.write_ca(self._tmpdir / "ca.crt")
+            else:
+                self.ca = ThrowawayCA.load_or_create(state_dir, factory)
+                self.ca_file = Path(state_dir) / ROOT_CERT
             if tls:
-                cert_pem, key_pem = self.ca.server_cert()
+                hosts = ["127.0.0.1", "localhost", "::1", *tls_names]
+                if host not in ("0.0.0.0", "::"):
+                    hosts.insert(0, host)
+                cert_pem, key_pem = self.ca.server_cert(hosts)
                 cert_file = self._tmpdir / "server.crt"
                 key_file = self._tmpdir / "server.key"
                 cert_file.write_text(cert_pem, encoding="ascii")
-                key_file.write_text(key_pem, encoding="ascii")
-                key_file.chmod(0o600)
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w", encoding="ascii") as handle:
+                    handle.write(key_pem)
                 self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 self._ssl.load_cert_chain(cert_file, key_file)
 
@@ -386,7 +441,7 @@ class RegistrationServer:
         if self._started:
             raise RuntimeError("a RegistrationServer can be started only once")
         self._started = True
-        httpd = _HTTPServer((self.host, 0), self)
+        httpd = _HTTPServer((self.host, self._port), self)
         try:
             httpd.server_bind()
         except BaseException:
@@ -424,7 +479,10 @@ class RegistrationServer:
             self._spawn(lambda: httpd.serve_forever(poll_interval=0.05), "lmp-autoreg-kit")
 
     def stop(self) -> None:
-        """Stop serving, wake delayed handlers, close the port, remove the temp files."""
+        """Stop serving, wake delayed handlers, close the port, remove the temp files.
+
+        A ``state_dir`` and the CA in it are kept.
+        """
         with self._lock:
             if self._stopping.is_set():
                 return
@@ -470,9 +528,14 @@ class RegistrationServer:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """A copy of every request received so far, oldest first."""
+        """A copy of every request received so far (``HEAD`` included), oldest first."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def posts(self) -> list[RecordedRequest]:
+        """The ``POST`` requests among :attr:`requests`: the registration attempts."""
+        return [r for r in self.requests if r.method == "POST"]
 
     @property
     def registered(self) -> dict[str, str]:
@@ -481,7 +544,10 @@ class RegistrationServer:
             return dict(self._registered)
 
     def enqueue(self, *replies: Reply) -> None:
-        """Script the next requests' replies, one per request, before the default applies."""
+        """Script the next requests' replies, one per request, before the default applies.
+
+        ``HEAD`` requests take no scripted reply: they get ``head_status``.
+        """
         with self._lock:
             self._queue.extend(replies)
 
@@ -503,7 +569,14 @@ class RegistrationServer:
         )
         with self._lock:
             self._requests.append(record)
-            reply = self._queue.popleft() if self._queue else self.default
+            self._arrived.notify_all()
+            reply = None if record.method == "HEAD" else self._next_reply()
+        if reply is None:
+            status = self.head_status if self._on_path(record) else 404
+            LOG.info("%s %s -> %d", record.method, record.path, status)
+            allow = {"Allow": "POST"} if status == 405 else {}
+            handler.send_bytes(status, b"", "text/plain; charset=utf-8", allow)
+            return
         if reply.delay > 0 and self._stopping.wait(reply.delay):
             handler.close_connection = True
             return
@@ -511,7 +584,14 @@ class RegistrationServer:
             handler.close_connection = True
             return
         status, payload, content_type = self._answer(record, reply)
+        LOG.info("%s %s -> %d", record.method, record.path, status)
         handler.send_bytes(status, payload, content_type, reply.headers, reply.truncate)
+
+    def _next_reply(self) -> Reply:
+        return self._queue.popleft() if self._queue else self.default
+
+    def _on_path(self, record: RecordedRequest) -> bool:
+        return record.path.split("?", 1)[0] == self.path
 
     def _answer(self, record: RecordedRequest, reply: Reply) -> tuple[int, bytes, str]:
         if reply.body is not None:
@@ -526,52 +606,79 @@ class RegistrationServer:
         try:
             files = self._register(record, reply)
         except _Refusal as refusal:
+            LOG.info("refused: %s", refusal.message)
             return refusal.status, refusal.message.encode("utf-8"), "text/plain; charset=utf-8"
         return reply.status, json.dumps(files).encode("utf-8"), "application/json"
 
     def _register(self, record: RecordedRequest, reply: Reply) -> dict[str, str]:
-        """Check a registration request like the real server and build the files."""
+        """Check a registration request as the reference server does and build the files."""
+        if not self._on_path(record):
+            raise _Refusal(404, "Not Found")
         if record.method != "POST":
-            raise _Refusal(405, f"Method {record.method} not allowed")
-        if record.path.split("?", 1)[0] != self.path:
-            raise _Refusal(404, f"Not found: {record.path}")
+            raise _Refusal(405, "Method Not Allowed")
         if self.token is not None and record.headers.get(self.token_header) != self.token:
             raise _Refusal(401, f"Missing or invalid {self.token_header} header")
-        data = record.json
-        if data is None:
-            raise _Refusal(400, "Request body must be a JSON object")
-        if self.reject_group and "group" in data:
-            raise _Refusal(400, "Unsupported field: 'group'")
-        overrides = _check_overrides(data.get("overrides"))
-        csr_pem, uuid = data.get("csr"), data.get("uuid")
-        if not isinstance(csr_pem, str) or not csr_pem:
-            raise _Refusal(400, "Missing field: 'csr'")
-        if not isinstance(uuid, str) or not uuid:
-            raise _Refusal(400, "Missing field: 'uuid'")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem.encode("utf-8"))
-        except ValueError as error:
-            raise _Refusal(400, f"Invalid CSR: {error}") from error
-        ou = _subject_value(csr.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
-        if self.factory is not None and ou != self.factory:
-            raise _Refusal(400, f"Invalid factory({ou}) must be {self.factory}")
-        cn = _subject_value(csr.subject, NameOID.COMMON_NAME)
-        if cn != uuid:
-            raise _Refusal(400, f"CSR common name({cn}) must be the uuid({uuid})")
+        if self.check_content_type and not _is_json_type(record.headers.get("Content-Type")):
+            raise _Refusal(415, "Unsupported Media Type: the request is not application/json")
+        data = self._body(record)
+        csr_pem = data.get("csr")
+        if not csr_pem:
+            raise _Refusal(400, "Missing required field 'csr'")
+        if not isinstance(csr_pem, str):
+            raise _Refusal(400, "Invalid data type for 'csr'")
+        hardware_id = data.get("hardware-id")
+        if not hardware_id:
+            raise _Refusal(400, "Missing required field 'hardware-id'")
+        overrides = _overrides(data.get("overrides"))
+        sota_dir = data.get("sota-config-dir") or "/var/sota"
+        if data.get("group") and not self.accept_group:
+            raise _Refusal(400, GROUP_REFUSAL)
+        csr, uuid = self._check_csr(csr_pem)
         try:
             client_pem = self.ca.sign_csr(csr_pem)
         except ValueError as error:
-            raise _Refusal(400, f"Invalid CSR: {error}") from error
+            raise _Refusal(400, str(error)) from error
         with self._lock:
             if self.reject_duplicates and uuid in self._registered:
                 raise _Refusal(409, "Device already exists")
             self._registered[uuid] = client_pem
         if reply.wrong_key:
             client_pem = self.ca.cert_for_subject_with_other_key(csr.subject)
+        if reply.wrong_cn:
+            public = csr.public_key()
+            assert isinstance(public, ec.EllipticCurvePublicKey)  # sign_csr checked it
+            client_pem = self.ca.cert_for_key_with_other_cn(public, str(uuidlib.uuid4()))
         files = {
             "root.crt": self.ca.cert_pem,
+            "sota.toml": sota_toml(str(hardware_id), overrides, str(sota_dir)),
             "client.pem": client_pem,
-            "client.chained": client_pem + self.ca.cert_pem,
-            "sota.toml": sota_toml({**data, "overrides": overrides}),
+            "client.chained": client_pem + "\n" + self.ca.intermediate_pem,
         }
         return reply.files(files) if reply.files is not None else files
+
+    @staticmethod
+    def _body(record: RecordedRequest) -> dict[str, Any]:
+        """The request's JSON object; the reference server's answer when there is none."""
+        try:
+            data = json.loads(record.body) if record.body else None
+        except ValueError as error:
+            raise _Refusal(400, "Bad Request: the body is not valid JSON") from error
+        if not data:
+            raise _Refusal(400, "Missing request body")
+        if not isinstance(data, dict):
+            raise _Refusal(500, "Internal Server Error")
+        return data
+
+    def _check_csr(self, csr_pem: str) -> tuple[x509.CertificateSigningRequest, str]:
+        """The parsed CSR and its uuid (CN), refused as the reference server refuses it."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode("utf-8"))
+        except ValueError as error:
+            raise _Refusal(400, str(error)) from error
+        ou = subject_value(csr.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+        uuid = subject_value(csr.subject, NameOID.COMMON_NAME)
+        if ou is None or uuid is None:
+            raise _Refusal(500, "Internal Server Error")  # the reference server crashes here
+        if self.factory is not None and ou != self.factory:
+            raise _Refusal(400, f"Invalid factory({ou}) must be {self.factory}")
+        return csr, uuid

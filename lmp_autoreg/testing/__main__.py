@@ -1,0 +1,116 @@
+"""``python -m lmp_autoreg.testing serve``: the kit's registration server, standalone.
+
+For a developer pointing a real board at a laptop, and for the boot test. It serves until
+SIGINT or SIGTERM, and prints two lines a script can read, each flushed at once::
+
+    url: http://127.0.0.1:8080/sign
+    ca: /path/to/state/factory_ca.pem
+
+With ``--state-dir`` the factory CA (root and intermediate, keys 0600) is kept in that
+directory, so a board registered against one run still trusts the next. Each request is
+logged on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+LOG = logging.getLogger(__name__)
+
+
+def _read_token(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.readline().strip()
+
+
+def serve(args: argparse.Namespace) -> int:
+    from lmp_autoreg.testing.server import RegistrationServer
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    token = _read_token(args.token_file) if args.token_file else args.token
+    with tempfile.TemporaryDirectory(prefix="lmp-autoreg-serve-") as scratch:
+        server = RegistrationServer(
+            tls=args.tls,
+            factory=args.factory,
+            token=token,
+            accept_group=args.accept_group,
+            host=args.host,
+            port=args.port,
+            state_dir=Path(args.state_dir) if args.state_dir else Path(scratch) / "ca",
+            tls_names=args.tls_name,
+        )
+        try:
+            server.start()
+        except OSError as error:
+            server.stop()
+            LOG.error("cannot listen on %s port %d: %s", args.host, args.port, error)
+            return 1
+        try:
+            print(f"url: {server.url}", flush=True)
+            print(f"ca: {server.ca_file}", flush=True)
+            stop.wait()
+            LOG.info("stopping")
+        finally:
+            server.stop()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="python -m lmp_autoreg.testing",
+        description="The lmp-autoreg test kit's registration server.",
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser(
+        "serve",
+        help="serve registrations until interrupted",
+        description="Serve device registrations like factory-registration-ref until "
+        "SIGINT or SIGTERM. Prints 'url: URL' and 'ca: FILE' on stdout.",
+    )
+    cmd.add_argument("--port", type=int, required=True, help="port to listen on (0: any)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    cmd.add_argument("--factory", default="acme", help="the factory CSRs must name (OU)")
+    secret = cmd.add_mutually_exclusive_group()
+    secret.add_argument("--token", help="require this OSF-TOKEN (a test token: argv is public)")
+    secret.add_argument("--token-file", help="require the token on the first line of FILE")
+    cmd.add_argument("--tls", action="store_true", help="serve HTTPS with a certificate of the CA")
+    cmd.add_argument(
+        "--tls-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name or address for the HTTPS certificate (repeatable)",
+    )
+    cmd.add_argument(
+        "--accept-group", action="store_true", help="accept 'group' as the Foundries API does"
+    )
+    cmd.add_argument(
+        "--state-dir", help="keep the CA here across runs (default: a temporary directory)"
+    )
+    cmd.set_defaults(func=serve)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args = parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
