@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def main() -> int:
         chosen = [s for s in SCENARIOS if s.number in numbers]
     start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="lmp-autoreg-boot.", dir="/var/tmp"))
-    tag = work.name.rsplit(".", 1)[1]
+    # Names the run's cgroups and machines, which allow only [A-Za-z0-9-].
+    tag = re.sub(r"[^A-Za-z0-9]", "x", work.name.rsplit(".", 1)[1])
     try:
         tree = work / "prepared"
         prepare(tree, work, f"lmp-autoreg-boot-{tag}-prepare")
