@@ -294,6 +294,9 @@ def check_no_deadlock(boots: list[Boot], v: Verdict) -> None:
     for unit in ("multi-user.target", "aktualizr-lite.service"):
         v.expect(boot.unit(unit).get("ActiveState") == "active",
                  f"{unit} not active: {unit_state(boot.unit(unit))}")
+    said = [message(e) for e in this_boot(boot) if e.get("_PID") == "1"
+            and ("ordering cycle" in message(e) or "cyclic" in message(e))]
+    v.expect(not said, "systemd refused a start: " + "; ".join(said))
 
 
 def check_fioconfig(boots: list[Boot], v: Verdict) -> None:
