@@ -391,7 +391,7 @@ SCENARIOS = [
                                BootSpec(settle())],
              check_poweroff, variables={"LMP_AUTOREG_POWEROFF": "1"}),
     Scenario(8, "no boot deadlock", [BootSpec(settle(
-        active=["aktualizr-lite.service", "multi-user.target"], deadline=120))],
+        active=["aktualizr-lite.service", "multi-user.target"], deadline=90))],
         check_no_deadlock, setup=boot_check),
     Scenario(9, "fioconfig check-in from the unit", [BootSpec(settle())], check_fioconfig),
     Scenario(10, "the sandbox", [BootSpec(settle("boot-test-devprobe.service"), bpf=True)],
