@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,dev$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test lint bench bench-check clean FORCE
+.PHONY: all venv demo test lint bench bench-check boot-test clean FORCE
 
 all: test
 
@@ -33,8 +33,9 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lmp_autoreg tests bench
+	$(VENV)/bin/ruff check lmp_autoreg tests bench boot
 	$(VENV)/bin/mypy lmp_autoreg bench
+	$(VENV)/bin/mypy boot
 
 # Cold-process timings against the interpreter's floor (docs/performance.md); never part of
 # `make test`. bench-check exits non-zero when a scenario fails or a budget is missed.
@@ -44,6 +45,12 @@ bench: $(STAMP)
 
 bench-check: $(STAMP)
 	$(PY) bench/run.py --check $(BENCH_ARGS)
+
+# Boots the agent under a real systemd (systemd-nspawn), once per scenario; needs root
+# (README). Never part of `make test`.
+BOOT_ARGS ?=
+boot-test: $(STAMP)
+	$(PY) boot/run.py $(BOOT_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""make boot-test: boot the agent under a real systemd, once per scenario.
+
+A debootstrap'd Debian (cached) gets the agent as the recipe installs it, stand-ins of
+meta-lmp's aktualizr-lite and fioconfig, the test kit's standalone server and a collector
+(rootfs.py). Each scenario boots an overlay of that tree with systemd-nspawn (nspawn.py);
+the guest's collector writes `systemctl show`, the journal as JSON and files into a
+directory bound from the host, which checks them (scenarios.py, evidence.py).
+
+Usage: ``python boot/run.py [--jobs N] [--only 1,3] [--keep]``. Needs root, mount and PID
+namespaces, overlayfs, debootstrap and systemd-nspawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bitbake import ROOT, Recipe  # noqa: E402
+from evidence import Boot  # noqa: E402
+from nspawn import boot  # noqa: E402
+from rootfs import prepare  # noqa: E402
+from scenarios import BASE_VARIABLES, SCENARIOS, Scenario, Verdict  # noqa: E402
+
+LOG = logging.getLogger("boot-test")
+_print_lock = threading.Lock()
+
+
+def run_scenario(scenario: Scenario, tree: Path, work: Path, tag: str) -> tuple[Verdict, float]:
+    start = time.monotonic()
+    here = work / f"s{scenario.number}"
+    upper, scratch, merged, results = (here / n for n in ("upper", "work", "root", "results"))
+    for d in (upper, scratch, merged, results / "out"):
+        d.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={tree},upperdir={upper},workdir={scratch}", str(merged)],
+                   check=True)
+    verdict = Verdict()
+    try:
+        warnings = Recipe.load().install(ROOT, merged, {**BASE_VARIABLES, **scenario.variables})
+        verdict.notes += [f"recipe: {w}" for w in warnings]
+        if scenario.setup:
+            scenario.setup(merged)
+        boots = []
+        for i, spec in enumerate(scenario.boots):
+            if spec.before:
+                spec.before(merged)
+            (results / "scenario.json").write_text(json.dumps(spec.collect))
+            seen = set((results / "out").iterdir())
+            options = [f"--bind={results}:/boot-test",
+                       f"--machine=boot-test-{tag}-{scenario.number}"]
+            if spec.bpf:
+                options.append("--system-call-filter=bpf")
+            outcome = boot(merged, f"lmp-autoreg-boot-{tag}-{scenario.number}", options,
+                           spec.timeout, here / f"console-{i + 1}.log", unified=spec.bpf)
+            new = sorted(set((results / "out").iterdir()) - seen)
+            boots.append(Boot.read(outcome.returncode, outcome.seconds, new[-1] if new else None))
+        scenario.check(boots, verdict)
+    except Exception as e:  # a broken scenario is reported, the others still run
+        LOG.exception("scenario %d", scenario.number)
+        verdict.failures.append(f"the scenario could not run: {e!r}")
+    finally:
+        subprocess.run(["umount", str(merged)], check=False)
+    return verdict, time.monotonic() - start
+
+
+def report(scenario: Scenario, verdict: Verdict, seconds: float) -> None:
+    word = "FAIL" if verdict.failures else "PASS"
+    with _print_lock:
+        print(f"scenario {scenario.number:2d} {scenario.title}: {word} ({seconds:.1f} s)",
+              flush=True)
+        for line in verdict.failures:
+            print("    - " + line.replace("\n", "\n      "), flush=True)
+        for line in verdict.notes:
+            print("    " + line, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--only", help="scenario numbers, comma separated")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="boot-test: %(message)s")
+    if os.geteuid() != 0:
+        print("boot-test needs root (debootstrap, overlayfs, systemd-nspawn)", file=sys.stderr)
+        return 2
+    chosen = SCENARIOS
+    if args.only:
+        numbers = {int(n) for n in args.only.split(",")}
+        chosen = [s for s in SCENARIOS if s.number in numbers]
+    start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="lmp-autoreg-boot.", dir="/var/tmp"))
+    # Names the run's cgroups and machines, which allow only [A-Za-z0-9-].
+    tag = re.sub(r"[^A-Za-z0-9]", "x", work.name.rsplit(".", 1)[1])
+    try:
+        tree = work / "prepared"
+        prepare(tree, work, f"lmp-autoreg-boot-{tag}-prepare")
+        LOG.info("guest prepared in %.1f s", time.monotonic() - start)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [(s, pool.submit(run_scenario, s, tree, work, tag)) for s in chosen]
+            results = []
+            for scenario, future in futures:
+                verdict, seconds = future.result()
+                report(scenario, verdict, seconds)
+                results.append(verdict)
+    finally:
+        if args.keep:
+            print(f"boot-test: work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    failed = sum(1 for v in results if v.failures)
+    print(f"boot-test: {len(results) - failed} of {len(results)} scenarios passed "
+          f"in {time.monotonic() - start:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
