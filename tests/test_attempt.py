@@ -60,7 +60,7 @@ def settings(device_root, registration_server):
 
 def send(settings, attempt: Attempt) -> dict[str, str]:
     csr = identity.make_csr(attempt.key, attempt.uuid, settings.factory, settings.production)
-    body = client.request_body(settings, uuid=attempt.uuid, csr=csr, reset_apps_dir=False)
+    body = client.request_body(settings, uuid=attempt.uuid, csr=csr)
     http = client.RegistrationClient(settings)
     try:
         return http.post(body, timeout=5)
