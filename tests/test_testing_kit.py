@@ -955,13 +955,11 @@ def _override_cases() -> list[tuple[str, dict[str, Any]]]:
     restorable = {"restorable-default": None, "restorable-off": "", "restorable-all": " ",
                   "restorable-list": "app1,app2"}
     cases = []
-    for (a, a_value), (r, r_value), reset_dir, hsm in itertools.product(
-        apps.items(), restorable.items(), (False, True), (False, True)
+    for (a, a_value), (r, r_value), hsm in itertools.product(
+        apps.items(), restorable.items(), (False, True)
     ):
-        name = "-".join([a, r, "reset-dir" if reset_dir else "no-reset-dir",
-                         "hsm" if hsm else "file-key"])
-        cases.append((name, {"apps": a_value, "restorable_apps": r_value,
-                             "reset_apps_dir": reset_dir, "hsm": hsm}))
+        name = "-".join([a, r, "hsm" if hsm else "file-key"])
+        cases.append((name, {"apps": a_value, "restorable_apps": r_value, "hsm": hsm}))
     return cases
 
 
@@ -982,8 +980,7 @@ def test_every_override_combination_gives_a_sota_toml_that_parses(
         hsm=Hsm("/usr/lib/softhsm/libsofthsm2.so", "1234", "5678") if case["hsm"] else None,
     )
     uuid = str(uuidlib.uuid4())
-    body = client.request_body(settings, uuid=uuid, csr=make_csr(uuid)[1],
-                               reset_apps_dir=case["reset_apps_dir"])
+    body = client.request_body(settings, uuid=uuid, csr=make_csr(uuid)[1])
     answer = requests.post(registration_server.url, json=body,
                            headers=client.request_headers(settings), timeout=TIMEOUT)
     assert answer.status_code == 201, answer.text
