@@ -17,6 +17,7 @@ from lmp_autoreg.result import Result
 from lmp_autoreg.settings import resolve
 
 TOKEN = {}  # key id -> FileKey: the "token" of this test
+STORED = {}  # key id -> the certificate the attempt stored with its key
 
 
 class HeldKey:
@@ -38,6 +39,12 @@ class HeldKey:
 
     def files(self):
         return {}
+
+    def config(self):
+        return ""
+
+    def store_certificate(self, cert):
+        STORED[self.key_id] = cert
 
 
 class HeldKeys:
@@ -80,6 +87,7 @@ def test_a_key_that_is_not_a_file_registers_through_the_same_attempt(settings, s
     assert "pkey.pem" not in result.files and not (sota / "pkey.pem").exists()
     cert = identity.load_certificate((sota / "client.pem").read_bytes())
     assert cert.public_key() == TOKEN[pending["key"]["id"]].public_key()
+    assert STORED[pending["key"]["id"]] == cert  # stored with the key before sota.toml
     assert sorted(p.name for p in (sota / ".lmp-autoreg").iterdir()) == ["lock"]
 
 

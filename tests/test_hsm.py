@@ -154,7 +154,9 @@ def test_openssl_hand_shakes_with_the_token_key(softhsm, device, server, tmp_pat
     run = run_cli(*device_args(device, server, "--json"), env=softhsm.env)
     assert run.returncode == 0, run.stderr
     sota = device.sota
-    tls = ClientAuthServer(server, (sota / "root.crt").read_text(), tmp_path)
+    # The device gateway trusts the factory's device CA: its root and the local-ca under it.
+    tls = ClientAuthServer(server, (sota / "root.crt").read_text() + server.ca.intermediate_pem,
+                           tmp_path)
     pin_file = tmp_path / "pin"  # the PIN reaches OpenSSL through a file, not argv
     fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, PIN.encode())
