@@ -20,12 +20,17 @@ would act on the machine running the agent, so there they are skipped with a not
   anything else (1) an error.
 - each service of ``--start`` (default aktualizr-lite,fioconfig), all of them even when
   one fails: ``systemctl show`` says whether the unit exists (a unit that is not loaded
-  is "failed: <name> is not-found", exit 7), then ``systemctl start --no-block`` queues
-  its start and returns: never waiting on a job, because aktualizr-lite's start waits
-  for boot-complete.target, which can wait for multi-user.target, which waits for this
-  unit (SPEC section 7). Each is "queued", "started" (it was running already) or
-  "failed: <why>" (exit 7). When systemd is not running (``/run/systemd/system`` is
-  missing, the check of sd_booted(3)), each is "skipped".
+  is "failed: <name> is not-found", exit 7); one that is running already is "started";
+  any other gets its start queued and is "queued". The start is never asked of systemd
+  from inside this unit's job: meta-lmp's aktualizr-lite is ``WantedBy=multi-user.target``
+  and ``After=boot-complete.target``, and once systemd-boot-check-no-failures.service
+  orders boot-complete.target after multi-user.target, which waits for this unit, systemd
+  refuses that start as an ordering cycle (a real boot shows it; even ``--no-block``).
+  Instead a transient unit of PID 1 (``systemd-run --no-block``), ordered
+  ``After=multi-user.target``, runs ``systemctl start <name>`` once the boot has got past
+  this unit; on a device already booted it runs at once. A transient unit that cannot be
+  queued is "failed: <why>" (exit 7). When systemd is not running
+  (``/run/systemd/system`` is missing, the check of sd_booted(3)), each is "skipped".
 - ``systemctl poweroff`` (``--poweroff``), only when every step before it succeeded:
   ``run_post_steps`` marks it "requested", and the CLI asks for it (``power_off``) only
   after the result, the JSON and the last log line are written and flushed, since the
@@ -66,6 +71,9 @@ DEFAULT_SECRETS_DIR = "/var/run/secrets"
 HANDLER_FAILED = 123
 # The transient unit of the check-in, so the journal names it.
 CHECKIN_UNIT = "lmp-autoreg-fioconfig-check-in"
+# The transient unit that starts a service once the boot is past this unit's target.
+START_UNIT = "lmp-autoreg-start-{}"
+START_AFTER = "multi-user.target"
 
 
 def systemd_running(environ: Mapping[str, str]) -> bool:
@@ -239,8 +247,10 @@ def _queue_start(name: str, timeout: float, env: dict[str, str]) -> str:
     if active == "active":
         LOG.info("%s is running already", name)
         return "started"
-    LOG.info("queuing the start of %s", name)
-    ok, out = _systemctl(["start", "--no-block", name], timeout, env)
+    LOG.info("queuing the start of %s for when the boot is past %s", name, START_AFTER)
+    ok, out = _command(["systemd-run", "--no-block", "--collect", "--quiet",
+                        f"--unit={START_UNIT.format(name)}", f"--property=After={START_AFTER}",
+                        "systemctl", "start", name], timeout, env)
     return "queued" if ok else f"failed: {out}"
 
 
@@ -257,16 +267,20 @@ def power_off(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def _systemctl(args: list[str], timeout: float, env: dict[str, str]) -> tuple[bool, str]:
-    """Run systemctl: (True, its stdout) or (False, why, also logged)."""
-    what = " ".join(["systemctl", *args])
+    return _command(["systemctl", *args], timeout, env)
+
+
+def _command(argv: list[str], timeout: float, env: dict[str, str]) -> tuple[bool, str]:
+    """Run a systemd command: (True, its stdout) or (False, why, also logged)."""
+    what = " ".join(argv)
     try:
-        done = run(["systemctl", *args], timeout=timeout, env=env)
+        done = run(argv, timeout=timeout, env=env)
     except TimeoutError:
         LOG.error("%s did not finish within %.0f s", what, timeout)
-        return False, f"systemctl timed out after {timeout:.0f} s"
+        return False, f"{argv[0]} timed out after {timeout:.0f} s"
     except OSError as e:
         LOG.error("cannot run %s: %s", what, e.strerror or e)
-        return False, f"cannot run systemctl: {e.strerror or e}"
+        return False, f"cannot run {argv[0]}: {e.strerror or e}"
     if done.returncode != 0:
         why = _last_line(done.stderr)
         LOG.error("%s failed (exit status %d): %s", what, done.returncode, why)

@@ -94,12 +94,19 @@ sys.exit(rule.get("exit", 0))
 """
 
 _SYSTEMD_RUN = r"""
-# As the real systemd-run --wait --pipe: the command runs in PID 1's environment (here:
-# PATH only) plus the EnvironmentFile= property's file, and its exit status is returned.
+# As the real systemd-run: with --wait --pipe the command runs in PID 1's environment (here:
+# PATH only) plus the EnvironmentFile= property's file, and its exit status is returned;
+# with --no-block the transient unit is queued and systemd-run returns 0 at once, whatever
+# the command later does (here it runs before the return, its status ignored). Knob:
+# "when" (the --unit= name -> behaviour, e.g. {"exit": 1, "stderr": ...}): refuse to queue.
 import subprocess
-args, env = sys.argv[1:], {"PATH": os.environ.get("PATH", os.defpath)}
+args, env, unit = sys.argv[1:], {"PATH": os.environ.get("PATH", os.defpath)}, ""
+options = []
 while args and args[0].startswith("-"):
     arg = args.pop(0)
+    options.append(arg)
+    if arg.startswith("--unit="):
+        unit = arg.partition("=")[2]
     if arg.startswith("--property=EnvironmentFile="):
         path = arg.partition("EnvironmentFile=")[2].lstrip("-")
         if os.path.exists(path):
@@ -107,7 +114,12 @@ while args and args[0].startswith("-"):
                 key, eq, value = line.strip().partition("=")
                 if eq and not key.startswith("#"):
                     env[key] = value.strip('"')
-sys.exit(subprocess.run(args, env=env, stdin=subprocess.DEVNULL).returncode)
+rule = CONF.get("when", {}).get(unit)
+if rule:
+    sys.stderr.write(rule.get("stderr", ""))
+    sys.exit(rule.get("exit", 1))
+done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL)
+sys.exit(0 if "--no-block" in options else done.returncode)
 """
 
 _LMP_DEVICE_REGISTER = r"""

@@ -59,7 +59,13 @@ def show(name: str) -> list[str]:
 
 
 def queue(name: str) -> list[list[str]]:
-    return [show(name), ["systemctl", "start", "--no-block", name]]
+    """How a start is queued: a transient unit of PID 1, after multi-user.target, that runs
+    ``systemctl start`` (the fake systemd-run runs it at once)."""
+    return [show(name),
+            ["systemd-run", "--no-block", "--collect", "--quiet",
+             f"--unit=lmp-autoreg-start-{name}", "--property=After=multi-user.target",
+             "systemctl", "start", name],
+            ["systemctl", "start", name]]
 
 
 def through_pid1(fakes: FakeBin, *argv: str) -> list[str]:
@@ -187,15 +193,16 @@ def test_missing_unit_exits_7_after_trying_all(live_root, device_root, registrat
 
 def test_start_that_cannot_be_queued_exits_7(live_root, device_root, registration_server,
                                              fakes, systemd):
-    fakes.set("systemctl", active=["fioconfig"], when={"aktualizr-lite": {
-        "exit": 1, "stderr": "Failed to start aktualizr-lite.service: Access denied\n"}})
+    fakes.set("systemctl", active=["fioconfig"])
+    fakes.set("systemd-run", when={"lmp-autoreg-start-aktualizr-lite": {
+        "exit": 1, "stderr": "Failed to start transient service unit: Access denied\n"}})
     run = register(device_root, registration_server, fakes, systemd)
     assert run.returncode == 7
     assert run.json["services"] == {
-        "aktualizr-lite": "failed: Failed to start aktualizr-lite.service: Access denied",
+        "aktualizr-lite": "failed: Failed to start transient service unit: Access denied",
         "fioconfig": "started",  # running already: nothing to queue
     }
-    assert commands(fakes)[2:] == [*queue("aktualizr-lite"), show("fioconfig")]
+    assert commands(fakes)[2:] == [*queue("aktualizr-lite")[:2], show("fioconfig")]
 
 
 def test_no_start(live_root, device_root, registration_server, fakes, systemd):
@@ -242,7 +249,7 @@ def test_refused_poweroff_is_still_reported(live_root, device_root, registration
 
 def test_no_poweroff_after_a_failure(live_root, device_root, registration_server, fakes,
                                      systemd):
-    fakes.set("systemctl", when={"fioconfig": {"exit": 1}})
+    fakes.set("systemd-run", when={"lmp-autoreg-start-fioconfig": {"exit": 1}})
     run = register(device_root, registration_server, fakes, systemd, "--poweroff")
     assert run.returncode == 7
     assert run.json["services"]["poweroff"] == "skipped"
