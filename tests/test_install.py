@@ -42,8 +42,9 @@ def test_modes_whatever_the_umask(device_root, registration_server, sota, umask)
 def test_untrustworthy_answers_write_nothing(device_root, registration_server, sota, reply,
                                              message):
     before = sorted(p.name for p in sota.iterdir())
-    registration_server.default = reply
-    run = run_cli(*device_args(device_root, registration_server, "--timeout", "1"))
+    registration_server.enqueue(reply)  # then a give-up: no race with the agent's start-up
+    registration_server.default = Reply.give_up()
+    run = run_cli(*device_args(device_root, registration_server))
     assert run.returncode == 5
     assert message in run.stderr
     assert sorted(p.name for p in sota.iterdir() if p.name != ".lmp-autoreg") == before
@@ -52,9 +53,10 @@ def test_untrustworthy_answers_write_nothing(device_root, registration_server, s
 
 def test_certificate_for_another_uuid_is_rejected(device_root, registration_server, sota):
     ca = registration_server.ca
-    registration_server.default = Reply(
-        files=lambda f: {**f, "client.pem": ca.cert_for_other_key("someone-else")})
-    run = run_cli(*device_args(device_root, registration_server, "--timeout", "1"))
+    registration_server.enqueue(Reply(
+        files=lambda f: {**f, "client.pem": ca.cert_for_other_key("someone-else")}))
+    registration_server.default = Reply.give_up()
+    run = run_cli(*device_args(device_root, registration_server))
     assert run.returncode == 5 and "not this device" in run.stderr
 
 
