@@ -18,7 +18,7 @@ state directory (``state``), the identity and the ``Result`` it fills in:
 5. ``abandon(why)`` starts afresh: the unfinished install and the pending identity go.
 
 Files set aside. A *half registration* (``client.pem`` or ``pkey.pem`` without
-``sota.toml`` and without ``sql.db``: SPEC section 1) is moved into the state dir
+``sota.toml`` and without ``sql.db``: docs/spec.md section 1) is moved into the state dir
 (``aside/``) on entry, whichever the backend; so is an old registration that
 lmp-device-register must not find (``set_aside()``, for ``--force``). When the attempt
 fails they are moved back, unchanged; when it succeeds they are dropped. A run killed in

@@ -16,7 +16,7 @@ chosen the uuid. Here it:
   The tool takes the token and the PINs on its command line and nowhere else, so they
   are there; they are never logged: the command is shown with them redacted, and they
   are cut out of whatever the tool prints before it is shown;
-- classifies a failure by the tool's stderr (it exits 255 for every failure), as SPEC
+- classifies a failure by the tool's stderr (it exits 255 for every failure), as docs/spec.md
   section 5's table: unreachable or unhealthy endpoint, ``HTTP_5xx``/``HTTP_429``,
   ``HTTP_-1`` -> ``NoAnswer`` (exit 5, retryable); ``HTTP_4xx`` -> ``ServerRefused`` (4),
   with the server's own words only; already registered -> ``AlreadyRegistered`` (3); a
@@ -77,7 +77,7 @@ MESSAGE_LIMIT = 500
 
 _HTTP_RE = re.compile(r"Unable to create device: HTTP_(-?\d+)")
 _RAW = "Raw response was: "
-# What the tool prints, by exit code (SPEC section 5); the first that matches wins.
+# What the tool prints, by exit code (docs/spec.md section 5); the first that matches wins.
 _NO_ANSWER = (
     "Unable to reach the device registration endpoint",
     "The device registration endpoint is not healthy",
@@ -195,7 +195,7 @@ def server_words(stderr: str) -> str:
 
 def classify(returncode: int, stderr: str) -> AutoregError:
     """The agent's error for a failed run of the tool, from what it printed on stderr
-    (the table of SPEC section 5)."""
+    (the table of docs/spec.md section 5)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     said = " / ".join(lines[-MESSAGE_LINES:]) or "nothing on stderr"
     message = f"{TOOL} failed (exit status {returncode}): {said}"

@@ -1,7 +1,7 @@
 """The command line: ``lmp-device-auto-register [register|status|demo] [options]``.
 
 Parses options, calls the library, prints the result through ``output`` (text, or one
-JSON object with ``--json``) and turns errors into SPEC section 6's exit codes.
+JSON object with ``--json``) and turns errors into docs/spec.md section 6's exit codes.
 
 Most starts end early (``--help``, a device registered already), so this module imports
 only ``argparse`` and the small ``guard`` up front; ``logging``, ``json`` and the library
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--cacert", metavar="PATH", help="CA bundle for an HTTPS registration server")
     reg.add_argument("--allow-insecure-token", action="store_true",
                      help="allow sending the token over plain http to a non-loopback host")
-    device = reg.add_argument_group("device settings (SPEC section 3)")
+    device = reg.add_argument_group("device settings (docs/spec.md section 3)")
     device.add_argument("--device-api", metavar="URL", help="registration URL (DEVICE_API)")
     prod = device.add_mutually_exclusive_group()
     prod.add_argument("--production", dest="production", action="store_true", default=None,

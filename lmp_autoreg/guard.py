@@ -189,7 +189,7 @@ def client_cert(sota: StrPath, device_sota: str | None = None) -> str:
 
 
 def is_registered(sota: StrPath, device_sota: str | None = None) -> bool:
-    """SPEC section 1: sql.db, or sota.toml with the client certificate it names or an HSM
+    """docs/spec.md section 1: sql.db, or sota.toml with the client certificate it names or an HSM
     configuration ([p11]).
 
     Never while an install journal exists: then those files are an unfinished install.

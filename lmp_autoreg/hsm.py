@@ -1,4 +1,4 @@
-"""The device key on a PKCS#11 token (HSM mode, SPEC sections 2 and 4).
+"""The device key on a PKCS#11 token (HSM mode, docs/spec.md sections 2 and 4).
 
 Laid out as ``lmp-device-register`` lays it out, so that aktualizr-lite and fioconfig find
 it: the token labelled ``aktualizr``; an EC P-256 key pair labelled ``tls`` with id ``01``,

@@ -135,7 +135,8 @@ FILE_KEYS = FileKeys()
 
 
 def make_csr(key: "DeviceKey", uuid: str, factory: str, production: bool) -> str:
-    """A CSR as the device gateway expects it (SPEC section 2), signed by ``key``; PEM text."""
+    """A CSR as the device gateway expects it (docs/spec.md section 2), signed by ``key``; PEM
+    text."""
     subject = [
         x509.NameAttribute(NameOID.COMMON_NAME, uuid),
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, factory),
@@ -179,7 +180,7 @@ def common_name(cert: x509.Certificate) -> str | None:
     return str(names[0].value) if names else None
 
 
-# rfc4514_string() knows only the common attribute names; SPEC speaks of businessCategory.
+# rfc4514_string() knows only the common attribute names; docs/spec.md speaks of businessCategory.
 _NAMES = {NameOID.BUSINESS_CATEGORY: "businessCategory"}
 
 
@@ -188,7 +189,7 @@ def name_string(name: x509.Name) -> str:
 
 
 def summary(cert: x509.Certificate) -> dict[str, str]:
-    """The ``certificate`` object of the JSON result (SPEC section 6), with its issuer."""
+    """The ``certificate`` object of the JSON result (docs/spec.md section 6), with its issuer."""
     return {
         "subject": name_string(cert.subject),
         "issuer": name_string(cert.issuer),

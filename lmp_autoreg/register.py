@@ -45,7 +45,7 @@ def _describe(settings: Settings, uuid: str | None) -> Result:
 def register(settings: Settings, *, dry_run: bool = False, force: bool = False) -> Result:
     """Register the device described by ``settings``; return what was done.
 
-    Raises an ``AutoregError`` subclass for every failure SPEC section 6 names. With
+    Raises an ``AutoregError`` subclass for every failure docs/spec.md section 6 names. With
     ``dry_run`` everything is resolved and the request is returned, but nothing is sent
     and nothing is written. Otherwise the whole registration runs under the state lock,
     retries until ``settings.timeout`` and keeps one identity per device (``state``).

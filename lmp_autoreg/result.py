@@ -1,4 +1,4 @@
-"""The record of one run, ``Result``: what was done, in the shape of SPEC section 6's JSON
+"""The record of one run, ``Result``: what was done, in the shape of docs/spec.md section 6's JSON
 object.
 
 It is filled in by ``register`` and the modules it calls (``attempt``, ``backend_ldr``,

@@ -22,7 +22,7 @@ from .preflight import check_token_transport
 DEFAULT_DEVICE_API = "https://api.foundries.io/ota/devices/"
 DEFAULT_TOKEN_HEADER = "OSF-TOKEN"
 DEFAULT_START = ("aktualizr-lite", "fioconfig")
-# lmp-device-register's -A default: restorable apps on, for every app (SPEC section 2).
+# lmp-device-register's -A default: restorable apps on, for every app (docs/spec.md section 2).
 ALL_RESTORABLE = " "
 DEFAULT_TIMEOUT = 300.0
 T = TypeVar("T")
@@ -319,7 +319,7 @@ def _production(cli: Mapping[str, Any], src: _Sources) -> bool:
 
 
 def _restorable_apps(src: _Sources) -> str:
-    """What lmp-device-register's ``-A`` means (SPEC sections 2 and 3): on by default with
+    """What lmp-device-register's ``-A`` means (docs/spec.md sections 2 and 3): on by default with
     every app (one space), off when given empty, else the names given."""
     value, _, _ = src.first("--restorable-apps", "RESTORABLE_APPS", empty_ok=True)
     if value is None:

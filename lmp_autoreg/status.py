@@ -9,7 +9,7 @@ from .state import State
 
 
 def device_status(paths: DevicePaths) -> dict[str, Any]:
-    """SPEC section 6's status object for the device at ``paths``."""
+    """docs/spec.md section 6's status object for the device at ``paths``."""
     registered = is_registered(paths.sota, str(paths.sota_device))
     status: dict[str, Any] = {
         "registered": registered,

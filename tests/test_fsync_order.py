@@ -1,4 +1,4 @@
-"""Durability seen from the kernel (issue 9, point 5): the real agent under strace.
+"""Durability seen from the kernel (docs/spec.md section 4): the real agent under strace.
 
 For every file the agent installs or saves whole (the answer's files in the sota dir; the
 pending identity and the install journal in the state dir) the system calls must come in

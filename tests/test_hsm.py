@@ -1,4 +1,4 @@
-"""HSM mode of the native backend (issue 11), on a real SoftHSM2 token.
+"""HSM mode of the native backend (docs/spec.md section 4), on a real SoftHSM2 token.
 
 The agent runs as a real subprocess against the kit's server, with the token in a private
 directory. The key it leaves on the token is then used by OpenSSL, through its PKCS#11

@@ -1,5 +1,5 @@
 """The package's structure: every import points one way, and the test-only seams are in
-one module (issue 12, point 5).
+one module (README, "The code").
 
 The graph is read from the source (``ast``), not from a running interpreter, so that it
 holds every import there is: at module level, inside functions, and under
@@ -123,8 +123,8 @@ def test_find_cycle(graph, cycle):
 
 
 def test_the_old_circles_would_be_found(tmp_path):
-    """The two circles issue 12 names, register <-> poststeps for ``Result`` and cli <->
-    demo for ``emit_json``, written as they were, are caught."""
+    """The two circles the package once had, register <-> poststeps for ``Result`` and
+    cli <-> demo for ``emit_json``, written as they were, are caught."""
     pkg = tmp_path / PACKAGE
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")

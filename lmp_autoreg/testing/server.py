@@ -1,6 +1,6 @@
 """A loopback device registration server for tests: a faithful factory-registration-ref.
 
-It speaks the ``/sign`` protocol of the factory's registration service (SPEC sections 2
+It speaks the ``/sign`` protocol of the factory's registration service (docs/spec.md sections 2
 and 8) the way the reference server does: a JSON POST with the device's CSR, answered by
 HTTP 201 and a JSON object mapping file names to contents, signed by a two-level factory
 PKI; ``HEAD`` answers 405, a request that is not JSON 415, and its refusals are plain text
