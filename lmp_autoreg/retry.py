@@ -36,6 +36,7 @@ SERVER_CAP = 30.0
 JITTER = 0.25  # a computed wait is shortened by up to this fraction; Retry-After lengthened
 MIN_ATTEMPT = 1.0  # an attempt with less time left than this is not worth starting
 ATTEMPT_CAP = 60.0  # no single attempt waits longer than this, so a hung server is retried
+CUT_SHORT = 0.1  # an attempt that failed with less time left than this ran into the deadline
 
 
 class Deadline:
@@ -93,11 +94,13 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str) -> T:
     ``budget`` is the most time (seconds) the attempt may take; it is never past the
     deadline. ``what`` names the attempt in the status lines of the second attempt on
     (the caller announces the first). Past the deadline, the last ``NoAnswer`` is raised
-    again (same class), saying how many attempts were made.
+    again (same class), saying how many attempts were made, and, when the deadline cut that
+    attempt short, why the attempt before it failed: "timed out" alone would hide it.
     """
     number = 0
     failures = 0
     last_unreachable: bool | None = None
+    before: NoAnswer | None = None
     while True:
         number += 1
         if number > 1:  # the caller announced the first
@@ -117,7 +120,9 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str) -> T:
                 rand=random.random(),
             )
             if wait is None:
-                raise _gave_up(error, number, deadline) from error
+                cut_short = left < CUT_SHORT and before is not None
+                raise _gave_up(error, number, deadline, before if cut_short else None) from error
+            before = error
             status(
                 f"attempt {number} failed: {error}; retrying in {wait:.1f} s "
                 f"({left:.0f} s left)",
@@ -126,12 +131,16 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str) -> T:
             time.sleep(wait)
 
 
-def _gave_up(error: NoAnswer, attempts: int, deadline: Deadline) -> NoAnswer:
-    """``error`` (same class, same fields) with how long we tried added to its message."""
+def _gave_up(
+    error: NoAnswer, attempts: int, deadline: Deadline, before: NoAnswer | None
+) -> NoAnswer:
+    """``error`` (same class, same fields) with how long we tried added to its message, and
+    ``before``, the failure of the attempt before a last one the deadline cut short."""
     final = copy.copy(error)
     plural = "s" if attempts != 1 else ""
+    earlier = f"; the deadline cut it short, the attempt before failed: {before}" if before else ""
     final.args = (
-        f"{error} (gave up after {attempts} attempt{plural} in {deadline.elapsed():.1f} s; "
-        f"--timeout {deadline.seconds:g})",
+        f"{error}{earlier} (gave up after {attempts} attempt{plural} in "
+        f"{deadline.elapsed():.1f} s; --timeout {deadline.seconds:g})",
     )
     return final

@@ -179,3 +179,23 @@ def test_agent_honours_retry_after(device_root, registration_server):
     [wait] = stated_waits(run.stderr)
     assert 1.5 <= wait <= 1.9  # never shorter than asked: jitter only lengthens, 25 % at most
     assert second.time - first.time >= 1.5
+
+
+def test_a_last_attempt_cut_short_by_the_deadline_keeps_the_reason_before_it():
+    """"Timed out" alone would hide why the device is not registered."""
+    calls = []
+
+    def attempt(budget: float) -> None:
+        calls.append(budget)
+        if len(calls) == 1:
+            raise NoAnswer("HTTP 503: Service Unavailable")
+        time.sleep(budget)  # a hung server: the deadline ends this attempt
+        raise NoAnswer(f"no answer within {budget:.1f} s")
+
+    with pytest.raises(NoAnswer) as info:
+        retry(attempt, Deadline(MIN_ATTEMPT + 1.5), what="test")
+    assert len(calls) == 2
+    message = str(info.value)
+    assert message.startswith("no answer within")
+    assert "the attempt before failed: HTTP 503: Service Unavailable" in message
+    assert "gave up after 2 attempts" in message
