@@ -649,34 +649,33 @@ def test_preset_bad_name(registration_server: RegistrationServer) -> None:
     assert "client.pem" in files
 
 
-def test_preset_other_key(registration_server: RegistrationServer) -> None:
+def _answer_to_a_csr(server: RegistrationServer, reply: Reply) -> tuple[str, Any, dict, Any]:
+    """(uuid, device key, files, client certificate) of ``reply`` to a real CSR; the
+    certificate is checked to be the intermediate's."""
     uuid = str(uuidlib.uuid4())
     key, csr = make_csr(uuid)
     body = make_body(uuid)
     body["csr"] = csr
-    registration_server.enqueue(Reply.other_key())
-    files = post(registration_server, body).json()
+    server.enqueue(reply)
+    files = post(server, body).json()
     cert = x509.load_pem_x509_certificate(files["client.pem"].encode())
-    cert.verify_directly_issued_by(registration_server.ca.intermediate)
+    cert.verify_directly_issued_by(server.ca.intermediate)
+    assert files["client.chained"].startswith(files["client.pem"] + "\n")
+    return uuid, key, files, cert
+
+
+def test_preset_other_key(registration_server: RegistrationServer) -> None:
+    uuid, key, _, cert = _answer_to_a_csr(registration_server, Reply.other_key())
     assert subject_value(cert, NameOID.COMMON_NAME) == uuid
     assert public_bytes(cert.public_key()) != public_bytes(key.public_key())
-    assert files["client.chained"].startswith(files["client.pem"] + "\n")
 
 
 def test_preset_other_cn(registration_server: RegistrationServer) -> None:
-    uuid = str(uuidlib.uuid4())
-    key, csr = make_csr(uuid)
-    body = make_body(uuid)
-    body["csr"] = csr
-    registration_server.enqueue(Reply.other_cn())
-    files = post(registration_server, body).json()
-    cert = x509.load_pem_x509_certificate(files["client.pem"].encode())
-    cert.verify_directly_issued_by(registration_server.ca.intermediate)
+    uuid, key, _, cert = _answer_to_a_csr(registration_server, Reply.other_cn())
     other = subject_value(cert, NameOID.COMMON_NAME)
     assert other != uuid
     assert cert.serial_number == uuidlib.UUID(other).int
     assert public_bytes(cert.public_key()) == public_bytes(key.public_key())
-    assert files["client.chained"].startswith(files["client.pem"] + "\n")
 
 
 def test_preset_truncated(registration_server: RegistrationServer) -> None:
