@@ -17,7 +17,7 @@ CVE_PRODUCT = "lmp-autoreg"
 LMP_AUTOREG_GIT_URI ?= "git://git.example.com/lmp-autoreg.git;protocol=https;branch=main"
 PV = "0.1.0+git"
 SRC_URI = "${LMP_AUTOREG_GIT_URI}"
-SRCREV = "0b8a69ae6ad23ef632332bbf9e954beadb26f641"
+SRCREV = "8b66f4809402160818c1fc2895c1b540ca640a26"
 
 S = "${WORKDIR}/git"
 
