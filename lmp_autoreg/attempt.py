@@ -98,7 +98,8 @@ class Attempt:
 
     def _begin(self, *, force: bool) -> None:
         check_aklite(self.paths)
-        if not self.state.load_journal():
+        journaled = self.state.load_journal() is not None
+        if not journaled:
             self._put_back()  # what a killed run set aside
         if force:
             # The previous registration stays until a new answer is verified (``install``).
@@ -109,7 +110,7 @@ class Attempt:
             sota = self.paths.sota
             if (any((sota / name).exists() for name in HALF_SIGNS)
                     and not (sota / "sota.toml").exists() and not (sota / "sql.db").exists()
-                    and self.state.load_journal() is None):
+                    and not journaled):
                 LOG.warning("%s holds a half registration (no sota.toml): setting it aside "
                             "until this attempt succeeds", sota)
                 self.set_aside()
@@ -259,8 +260,9 @@ class Attempt:
         # install completed from the journal) goes first: sota.toml, written last, must not
         # appear beside the old sql.db.
         self.remove_previous(keep=frozenset(names))
+        cert = identity.load_certificate(files["client.pem"])
         if self.key is not None:
-            self.key.store_certificate(identity.load_certificate(files["client.pem"]))
+            self.key.store_certificate(cert)
         try:
             install.install(sota, plan)
         except LocalFailure:
@@ -269,7 +271,7 @@ class Attempt:
             raise
         self.finish()
         self.result.files = install.file_modes(sota, names)
-        self.result.certificate = identity.summary(identity.load_certificate(files["client.pem"]))
+        self.result.certificate = identity.summary(cert)
         self.result.result = "registered"
         LOG.info("registered: installed %s into %s", ", ".join(names), sota)
 

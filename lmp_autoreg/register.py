@@ -54,7 +54,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
     paths = settings.paths
     if not force:
         guard.check_not_registered(paths.sota, str(paths.sota_device))
-    on_token = settings.hsm is not None and settings.backend == "native"
+    on_token = _on_token(settings)
     if on_token:
         _check_pkcs11()
 
@@ -81,14 +81,20 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
         raise
 
 
+def _on_token(settings: Settings) -> bool:
+    """The native backend keeps the key on the PKCS#11 token (HSM mode); lmp-device-register
+    keeps an HSM key itself."""
+    return settings.hsm is not None and settings.backend == "native"
+
+
 def _key_kind(settings: Settings, *, force: bool) -> "KeyKind":
-    """The kind of key the device's identity has: on the PKCS#11 token (HSM mode, native
-    backend), else in a file."""
+    """The kind of key the device's identity has: on the PKCS#11 token, else in a file."""
     from . import identity
 
-    if settings.hsm is not None and settings.backend == "native":
+    if _on_token(settings):
         from . import hsm
 
+        assert settings.hsm is not None
         return hsm.TokenKeys(settings.hsm, force=force)
     return identity.FILE_KEYS
 
@@ -174,18 +180,15 @@ def _register_native(attempt: Attempt, deadline: Deadline, *, force: bool) -> No
     LOG.info("%s", what)
     try:
         files, plan = retry(send, deadline, what=what)
-    except ServerRefused as e:
+    except AutoregError as e:
         _discard_new_key(attempt, force=force)
-        if e.status == 409 and attempt.reused:
+        if isinstance(e, ServerRefused) and e.status == 409 and attempt.reused:
             raise ServerRefused(
                 f"{e} (uuid {uuid} is the identity of an interrupted attempt, which the "
                 "server may have registered then: delete that device on the server and run "
                 "again, or run with --force to register with a new identity)",
                 e.status,
             ) from e
-        raise
-    except AutoregError:
-        _discard_new_key(attempt, force=force)
         raise
     finally:
         http.close()
