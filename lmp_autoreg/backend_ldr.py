@@ -84,7 +84,6 @@ _NO_ANSWER = (
     "Unable to post to",
 )
 _ALREADY = "Device already registered"
-_LOCAL = ("aktualizr-lite already running", "is aktualizr-lite running", "Unable to write to")
 _CONFIG = ("Missing factory definition", "Missing tag definition", "Invalid UUID",
            "HSM incorrectly configured")
 
