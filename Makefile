@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,dev$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test lint bench bench-check boot-test clean FORCE
+.PHONY: all venv demo test test-long lint bench bench-check boot-test clean FORCE
 
 all: test
 
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# The property-based tests of bad input with the long Hypothesis profile (new random cases,
+# at least 2000 per family; docs/reliability.md, "Bad input"). Not part of `make test`.
+test-long: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -n 2 -m props --timeout 0 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmp_autoreg tests bench boot

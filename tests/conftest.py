@@ -12,6 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles (docs/reliability.md, "Bad input"). "default", for `make test`: a fixed
+# seed and few examples, so a run is repeatable and within the suite's time budget. "long",
+# for `make test-long`: new random cases, at least 2000 per family. No per-example deadline in
+# either: a case runs real processes, whose start-up a loaded machine slows.
+settings.register_profile(
+    "default", derandomize=True, max_examples=25, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # Settings the agent reads from the environment: a test starts from none of them.
 AGENT_ENV = (
