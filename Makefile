@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,dev$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-long lint bench bench-check boot-test clean FORCE
+.PHONY: all venv demo test test-long test-target lint bench bench-check bench-target boot-test \
+	clean FORCE
 
 all: test
 
@@ -37,10 +38,17 @@ test: $(STAMP)
 test-long: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -n 2 -m props --timeout 0 $(PYTEST_ARGS)
 
+# The whole suite a second time on the target's Python: Python 3.14 with wrynose's library
+# versions, in a Debian forky root made with debootstrap and cached (target/run.py; needs
+# root, README). Runs with the host's python3 alone: the root has its own venv.
+test-target:
+	$(PYTHON) target/run.py test $(PYTEST_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lmp_autoreg tests bench boot
+	$(VENV)/bin/ruff check lmp_autoreg tests bench boot target
 	$(VENV)/bin/mypy lmp_autoreg bench
 	$(VENV)/bin/mypy boot
+	$(VENV)/bin/mypy target
 
 # Cold-process timings against the interpreter's floor (docs/performance.md); never part of
 # `make test`. bench-check exits non-zero when a scenario fails or a budget is missed.
@@ -50,6 +58,11 @@ bench: $(STAMP)
 
 bench-check: $(STAMP)
 	$(PY) bench/run.py --check $(BENCH_ARGS)
+
+# The same in the forky root of test-target (results in bench/results/forky);
+# BENCH_ARGS=--check for its budgets.
+bench-target:
+	$(PYTHON) target/run.py bench $(BENCH_ARGS)
 
 # Boots the agent under a real systemd (systemd-nspawn), once per scenario; needs root
 # (README). Never part of `make test`.

@@ -1,0 +1,264 @@
+"""make test-target, make bench-target: the suite (or the bench) on the target's Python.
+
+A factory ships LmP on Yocto wrynose: Python 3.14 with cryptography 46.0.5, requests
+2.32.5, python-pkcs11 0.7.0 and systemd-python 235. This runs the checkout a second time on
+that stack: a Debian forky root (Python 3.14, systemd 262) made with debootstrap from the
+mirror this machine's apt uses, with a venv at VENV holding exactly those versions (PINS;
+the packages without a wheel for 3.14 are compiled in the root) and the suite's own
+dependencies (pyproject's ``test`` and ``dev`` extras), and the system tools the suite
+needs (PACKAGES, as .ci/run installs them on the host).
+
+Two cached tarballs under ``~/.cache/lmp-autoreg-target``: the debootstrap base, keyed on
+suite, script, variant and packages; and that base with the venv, keyed on the base's key,
+the pins and the extras' requirements. A change of either rebuilds what depends on it.
+
+Each run unpacks the root afresh and runs one command in it as root with ``chroot``, in a
+private mount namespace (``unshare -m``) holding /proc, /sys, /dev (with /dev/pts), a tmpfs
+on /tmp and the checkout bound at its own path (and, for a git worktree, its repository),
+all gone with the namespace. The checkout is installed into the venv in editable mode first,
+as ``make`` installs it on the host. The environment is a clean one, plus ``CI``.
+
+Usage: ``python3 target/run.py test [PYTEST ARGS...]`` (``python -m pytest -n 2`` as
+``make test``) or ``python3 target/run.py bench [BENCH ARGS...]`` (``bench/run.py``, results
+in ``bench/results/forky`` unless ``--out`` says otherwise). Needs root, mount namespaces,
+``unshare``, ``chroot`` and ``debootstrap``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "boot"))
+
+from rootfs import apt_mirror  # noqa: E402
+
+LOG = logging.getLogger("target")
+
+SUITE = "forky"
+# debootstrap has no script of its own for forky on bookworm; sid's builds it.
+SCRIPT = "/usr/share/debootstrap/scripts/sid"
+VARIANT = "minbase"
+PACKAGES = (
+    "python3", "python3-venv",
+    # Compiling python-pkcs11 and systemd-python, which have no wheel for 3.14.
+    "python3-dev", "gcc", "libc6-dev", "pkg-config", "libsystemd-dev",
+    # The suite's tools (README, the test table): .ci/run's apt line.
+    "systemd", "util-linux", "mount", "faketime", "strace", "git", "make", "softhsm2",
+    "opensc", "libengine-pkcs11-openssl", "openssl", "ca-certificates",
+)
+# The versions wrynose ships (openembedded-core and meta-python).
+PINS = ("cryptography==46.0.5", "requests==2.32.5", "python-pkcs11==0.7.0",
+        "systemd-python==235")
+EXTRAS = ("test", "dev")
+VENV = "/opt/lmp-autoreg-target"
+# The host's CA bundle, for pip in the root (this machine may reach PyPI through a proxy
+# whose CA only the host's bundle has).
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+ROOT_CA = "/etc/ssl/lmp-autoreg-host-ca.pem"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BUILD_TIMEOUT = 1800.0
+RUN_TIMEOUT = 1800.0
+
+# Runs as ``unshare -m sh -c MOUNT_AND_CHROOT sh ROOT BIND... -- ARGV...``.
+MOUNT_AND_CHROOT = r"""
+set -e
+root=$1; shift
+mount -t proc proc "$root/proc"
+mount --rbind /sys "$root/sys"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs tmpfs "$root/tmp"
+while [ "$1" != -- ]; do
+    mkdir -p "$root$1"
+    mount --bind "$1" "$root$1"
+    shift
+done
+shift
+exec chroot "$root" "$@"
+"""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmp-autoreg-target"
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _name(requirement: str) -> str:
+    """The project name of a requirement, normalized (PEP 503)."""
+    name = requirement
+    for stop in "<>=!~[; ":
+        name = name.split(stop)[0]
+    return name.strip().lower().replace("_", "-").replace(".", "-")
+
+
+def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """The extras' requirements with the pinned projects' versions in place of theirs, and
+    setuptools to install the checkout without build isolation."""
+    with open(pyproject, "rb") as f:
+        data = tomllib.load(f)
+    pinned = {_name(pin) for pin in PINS}
+    wanted = [req for extra in EXTRAS for req in data["project"]["optional-dependencies"][extra]]
+    wanted += data["build-system"]["requires"]
+    return [*PINS, *sorted({req for req in wanted if _name(req) not in pinned})]
+
+
+def base_key() -> str:
+    return _key(SUITE, SCRIPT, VARIANT, *PACKAGES)
+
+
+def root_key() -> str:
+    return _key(base_key(), VENV, *requirements())
+
+
+def chroot(tree: Path, argv: Sequence[str], env: dict[str, str], binds: Sequence[Path] = (),
+           timeout: float = RUN_TIMEOUT) -> int:
+    """Run ``argv`` as root chrooted in ``tree`` (see MOUNT_AND_CHROOT); its exit code."""
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNT_AND_CHROOT,
+               "sh", str(tree), *map(str, binds), "--", "/usr/bin/env", "-i",
+               *(f"{k}={v}" for k, v in env.items()), *argv]
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
+                             env={"PATH": PATH})
+    try:
+        return child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        LOG.error("%s: no end after %.0f s, killed", " ".join(argv), timeout)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        return -signal.SIGKILL
+
+
+def _pack(tree: Path, tarball: Path) -> None:
+    partial = tarball.with_suffix(".partial")
+    subprocess.run(["tar", "-C", str(tree), "--numeric-owner", "-cf", str(partial), "."],
+                   check=True)
+    partial.rename(tarball)
+
+
+def _unpack(tarball: Path, tree: Path) -> None:
+    tree.mkdir(parents=True)
+    subprocess.run(["tar", "-C", str(tree), "--numeric-owner", "-xf", str(tarball)],
+                   check=True)
+
+
+def _remove(tree: Path) -> None:
+    """Remove an unpacked root, never through a mount point (the checkout's, if one leaked
+    into this mount namespace)."""
+    with open("/proc/self/mountinfo") as f:
+        mounted = [line.split()[4] for line in f]
+    inside = [m for m in mounted if Path(m) == tree or Path(m).is_relative_to(tree)]
+    if inside:
+        raise SystemExit(f"not removing {tree}: {inside} mounted in it")
+    shutil.rmtree(tree)
+
+
+def base_tarball() -> Path:
+    """The cached debootstrap of SUITE, made first when missing."""
+    tarball = cache_dir() / f"{SUITE}-{VARIANT}-{base_key()}.tar"
+    if tarball.is_file():
+        return tarball
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    mirror = apt_mirror()
+    LOG.info("debootstrap %s from %s (cached afterwards in %s)", SUITE, mirror, tarball)
+    work = tarball.with_suffix(".d")
+    shutil.rmtree(work, ignore_errors=True)
+    subprocess.run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(PACKAGES)}",
+                    SUITE, str(work), mirror, SCRIPT], check=True, stdout=subprocess.DEVNULL,
+                   timeout=BUILD_TIMEOUT)
+    _pack(work, tarball)
+    shutil.rmtree(work)
+    return tarball
+
+
+def root_tarball() -> Path:
+    """The cached base with the venv, made first when missing."""
+    tarball = cache_dir() / f"{SUITE}-venv-{root_key()}.tar"
+    if tarball.is_file():
+        LOG.info("the %s root from the cache: %s", SUITE, tarball)
+        return tarball
+    base = base_tarball()
+    work = tarball.with_suffix(".d")
+    shutil.rmtree(work, ignore_errors=True)
+    _unpack(base, work)
+    shutil.copyfile(HOST_CA, work / ROOT_CA.lstrip("/"))
+    (work / "etc/resolv.conf").unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", work / "etc/resolv.conf")
+    LOG.info("the venv in the %s root: %s", SUITE, " ".join(requirements()))
+    env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "PIP_CERT": ROOT_CA,
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
+    rc = chroot(work, ["/bin/sh", "-ec", f'python3 -m venv {VENV}; '
+                       f'{VENV}/bin/pip install -q "$@"', "sh", *requirements()],
+                env, timeout=BUILD_TIMEOUT)
+    if rc != 0:
+        raise SystemExit(f"building the venv in {work} failed (exit {rc})")
+    _pack(work, tarball)
+    shutil.rmtree(work)
+    return tarball
+
+
+def binds() -> list[Path]:
+    """The checkout and, when it is a git worktree, the repository its ``.git`` names."""
+    paths = [ROOT]
+    if (ROOT / ".git").is_file():
+        common = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--git-common-dir"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        repository = (ROOT / common).resolve()
+        if not repository.is_relative_to(ROOT):
+            paths.append(repository)
+    return paths
+
+
+def command(what: str, args: Sequence[str]) -> list[str]:
+    """The shell command run in the checkout: install it, then the suite or the bench."""
+    python = f"{VENV}/bin/python"
+    install = (f"cd {ROOT} && {python} -m pip install -q --no-deps --no-build-isolation "
+               "--no-index -e .")
+    if what == "test":
+        run = [python, "-m", "pytest", "-n", "2", *args]
+    else:
+        run = [python, "bench/run.py", "--out", "bench/results/forky", *args]
+    return ["/bin/sh", "-ec", f'{install}; exec "$@"', "sh", *run]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("test", "bench"))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="pytest's or bench/run.py's")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="target: %(message)s")
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (debootstrap, chroot, mount namespaces)")
+    start = time.monotonic()
+    tarball = root_tarball()
+    tree = Path(tempfile.mkdtemp(prefix="lmp-autoreg-target-", dir="/var/tmp")) / "root"
+    try:
+        _unpack(tarball, tree)
+        LOG.info("root ready after %.0f s; %s in it", time.monotonic() - start, args.what)
+        env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8",
+               **{k: os.environ[k] for k in ("CI",) if k in os.environ}}
+        rc = chroot(tree, command(args.what, args.args), env, binds())
+    finally:
+        if tree.exists():
+            _remove(tree)
+        tree.parent.rmdir()
+    LOG.info("%s on %s: exit %d after %.0f s", args.what, SUITE, rc, time.monotonic() - start)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
