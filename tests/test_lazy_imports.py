@@ -134,8 +134,9 @@ def test_registration_without_post_steps_loads_no_heavy_stdlib(tmp_path, floors,
 
 
 def test_the_floors_leave_something_to_check(floors):
-    """Neither floor loads what the tests above look for, else they would check nothing."""
-    assert loaded(floors["argparse"], (*NETWORK_AND_CRYPTO, *STDLIB_UNUSED, "json")) == []
+    """The floors keep the costliest modules in the checks above (on 3.14, argparse loads
+    ``dataclasses`` by itself, so that one is off the early ends' list there)."""
+    assert loaded(floors["argparse"], (*NETWORK_AND_CRYPTO, "logging", "subprocess", "json")) == []
     assert loaded(floors["library"], ("pkcs11", "subprocess", "uuid")) == []
 
 
