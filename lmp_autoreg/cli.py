@@ -26,6 +26,28 @@ if TYPE_CHECKING:
 COMMANDS = ("register", "status", "demo")
 
 
+class _NoColour:
+    """An argparse colour theme whose every escape sequence is empty."""
+
+    def __getattr__(self, name: str) -> str:
+        return ""
+
+
+class _PlainFormatter(argparse.HelpFormatter):
+    """argparse's formatter, without colour.
+
+    From Python 3.14 every formatter argparse makes (at least one per parser, to check each
+    option it adds) looks up its colour theme in ``_colorize``, which imports
+    ``dataclasses``, ``inspect`` and ``ast``: more than argparse itself costs, at every
+    start. The agent's help is plain text on any terminal, so its theme is ``_NoColour``.
+    Earlier Pythons never call ``_set_color``.
+    """
+
+    def _set_color(self, color: bool) -> None:
+        self._theme = _NoColour()
+        self._decolor = str
+
+
 def _help_formatter(prog: str) -> argparse.HelpFormatter:
     """argparse's formatter, told the width instead of asking ``shutil``.
 
@@ -42,7 +64,7 @@ def _help_formatter(prog: str) -> argparse.HelpFormatter:
             columns = os.get_terminal_size().columns  # of stdout
         except OSError:
             columns = 80
-    return argparse.HelpFormatter(prog, width=columns - 2)
+    return _PlainFormatter(prog, width=columns - 2)
 
 
 class _Parser(argparse.ArgumentParser):

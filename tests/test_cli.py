@@ -30,6 +30,16 @@ def test_version_and_help():
     assert run.returncode == 0 and "register" in run.stdout and "status" in run.stdout
 
 
+@pytest.mark.parametrize("args", [("--help",), ("register", "--help")])
+def test_help_is_plain_text_where_colour_is_asked_for(args):
+    """Python 3.14's argparse colours help when FORCE_COLOR is set; the agent's stays plain
+    text (cli._PlainFormatter), for the journal and for a jig that reads it."""
+    run = run_cli(*args, env=clean_env(FORCE_COLOR="1", TERM="xterm-256color"))
+    assert run.returncode == 0
+    assert run.stdout.startswith("usage: lmp-device-auto-register") and "--help" in run.stdout
+    assert "\x1b[" not in run.stdout
+
+
 def test_registers_and_reports_json(device_root, registration_server, sota):
     run = run_cli(*device_args(device_root, registration_server, "--json"))
     assert run.returncode == 0, run.stderr
