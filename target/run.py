@@ -12,16 +12,17 @@ Two cached tarballs under ``~/.cache/lmp-autoreg-target``: the debootstrap base,
 suite, script, variant and packages; and that base with the venv, keyed on the base's key,
 the pins and the extras' requirements. A change of either rebuilds what depends on it.
 
-Each run unpacks the root afresh and runs one command in it as root with ``chroot``, in a
-private mount namespace (``unshare -m``) holding /proc, /sys, /dev (with /dev/pts), a tmpfs
-on /tmp and the checkout bound at its own path (and, for a git worktree, its repository),
-all gone with the namespace. The checkout is installed into the venv in editable mode first,
+Each run unpacks the root afresh and runs one command in it as root, in a mount namespace
+of its own (``unshare -m``) whose root it is (``pivot_root``; the suite's own ``unshare -m``
+and ``nsenter -m`` need a root that is a mount point, and the namespace's), with /proc,
+/sys, /dev (with /dev/pts), a tmpfs on /tmp and the checkout bound at its own path (and,
+for a git worktree, its repository), all gone with the namespace. The checkout is installed into the venv in editable mode first,
 as ``make`` installs it on the host. The environment is a clean one, plus ``CI``.
 
 Usage: ``python3 target/run.py test [PYTEST ARGS...]`` (``python -m pytest -n 2`` as
 ``make test``) or ``python3 target/run.py bench [BENCH ARGS...]`` (``bench/run.py``, results
 in ``bench/results/forky`` unless ``--out`` says otherwise). Needs root, mount namespaces,
-``unshare``, ``chroot`` and ``debootstrap``.
+``unshare``, ``pivot_root`` and ``debootstrap``.
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BUILD_TIMEOUT = 1800.0
 RUN_TIMEOUT = 1800.0
 
-# Runs as ``unshare -m sh -c MOUNT_AND_CHROOT sh ROOT BIND... -- ARGV...``.
-MOUNT_AND_CHROOT = r"""
+# Runs as ``unshare -m sh -c MOUNT_AND_PIVOT sh ROOT BIND... -- ARGV...``. The root becomes
+# the namespace's own root (``pivot_root``), not a ``chroot`` within the host's: a process
+# that enters the namespace (``nsenter -m``, as the suite's fault tests do) lands in it.
+MOUNT_AND_PIVOT = r"""
 set -e
 root=$1; shift
+mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
@@ -86,7 +90,12 @@ while [ "$1" != -- ]; do
     shift
 done
 shift
-exec chroot "$root" "$@"
+cd "$root"
+mkdir -p .host
+pivot_root . .host
+umount -l .host
+rmdir .host
+exec chroot . "$@"
 """
 
 
@@ -126,10 +135,10 @@ def root_key() -> str:
     return _key(base_key(), VENV, *requirements())
 
 
-def chroot(tree: Path, argv: Sequence[str], env: dict[str, str], binds: Sequence[Path] = (),
+def run_in_root(tree: Path, argv: Sequence[str], env: dict[str, str], binds: Sequence[Path] = (),
            timeout: float = RUN_TIMEOUT) -> int:
-    """Run ``argv`` as root chrooted in ``tree`` (see MOUNT_AND_CHROOT); its exit code."""
-    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNT_AND_CHROOT,
+    """Run ``argv`` as root in ``tree`` (see MOUNT_AND_PIVOT); its exit code."""
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNT_AND_PIVOT,
                "sh", str(tree), *map(str, binds), "--", "/usr/bin/env", "-i",
                *(f"{k}={v}" for k, v in env.items()), *argv]
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -201,7 +210,7 @@ def root_tarball() -> Path:
     LOG.info("the venv in the %s root: %s", SUITE, " ".join(requirements()))
     env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "PIP_CERT": ROOT_CA,
            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
-    rc = chroot(work, ["/bin/sh", "-ec", f'python3 -m venv {VENV}; '
+    rc = run_in_root(work, ["/bin/sh", "-ec", f'python3 -m venv {VENV}; '
                        f'{VENV}/bin/pip install -q "$@"', "sh", *requirements()],
                 env, timeout=BUILD_TIMEOUT)
     if rc != 0:
@@ -242,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="target: %(message)s")
     if os.geteuid() != 0:
-        raise SystemExit("needs root (debootstrap, chroot, mount namespaces)")
+        raise SystemExit("needs root (debootstrap, mount namespaces, pivot_root)")
     start = time.monotonic()
     tarball = root_tarball()
     tree = Path(tempfile.mkdtemp(prefix="lmp-autoreg-target-", dir="/var/tmp")) / "root"
@@ -251,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("root ready after %.0f s; %s in it", time.monotonic() - start, args.what)
         env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8",
                **{k: os.environ[k] for k in ("CI",) if k in os.environ}}
-        rc = chroot(tree, command(args.what, args.args), env, binds())
+        rc = run_in_root(tree, command(args.what, args.args), env, binds())
     finally:
         if tree.exists():
             _remove(tree)
