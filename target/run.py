@@ -16,8 +16,9 @@ Each run unpacks the root afresh and runs one command in it as root, in a mount 
 of its own (``unshare -m``) whose root it is (``pivot_root``; the suite's own ``unshare -m``
 and ``nsenter -m`` need a root that is a mount point, and the namespace's), with /proc,
 /sys, /dev (with /dev/pts), a tmpfs on /tmp and the checkout bound at its own path (and,
-for a git worktree, its repository), all gone with the namespace. The checkout is installed into the venv in editable mode first,
-as ``make`` installs it on the host. The environment is a clean one, plus ``CI``.
+for a git worktree, its repository), all gone with the namespace. The checkout is
+installed into the venv in editable mode first, as ``make`` installs it on the host. The
+environment is a clean one, plus ``CI``.
 
 Usage: ``python3 target/run.py test [PYTEST ARGS...]`` (``python -m pytest -n 2`` as
 ``make test``) or ``python3 target/run.py bench [BENCH ARGS...]`` (``bench/run.py``, results
