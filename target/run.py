@@ -136,8 +136,8 @@ def root_key() -> str:
     return _key(base_key(), VENV, *requirements())
 
 
-def run_in_root(tree: Path, argv: Sequence[str], env: dict[str, str], binds: Sequence[Path] = (),
-           timeout: float = RUN_TIMEOUT) -> int:
+def run_in_root(tree: Path, argv: Sequence[str], env: dict[str, str],
+                binds: Sequence[Path] = (), timeout: float = RUN_TIMEOUT) -> int:
     """Run ``argv`` as root in ``tree`` (see MOUNT_AND_PIVOT); its exit code."""
     command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", MOUNT_AND_PIVOT,
                "sh", str(tree), *map(str, binds), "--", "/usr/bin/env", "-i",
