@@ -79,12 +79,14 @@ def nspawn(tree: Path, cgroup_name: str, options: Sequence[str], argv: Sequence[
 
 
 def run_in(tree: Path, cgroup_name: str, options: Sequence[str], argv: Sequence[str],
-           timeout: float = 300) -> None:
-    """Run one command in the tree (no boot); fail on a non-zero exit."""
+           timeout: float = 300) -> str:
+    """Run one command in the tree (no boot); fail on a non-zero exit, else return its
+    output."""
     log = tree.parent / f"{cgroup_name}.log"
     outcome = nspawn(tree, cgroup_name, ["--console=pipe", *options], argv, timeout, log)
     if outcome.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} in {tree} failed:\n{outcome.log}")
+    return outcome.log
 
 
 def boot(tree: Path, cgroup_name: str, options: Sequence[str], timeout: float, log: Path,
