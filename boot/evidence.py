@@ -63,15 +63,22 @@ def message(entry: dict[str, Any]) -> str:
     return str(value)
 
 
+def by_systemd(entry: dict[str, Any]) -> bool:
+    """A line of systemd's: PID 1's, or of the unit's process before it executes the command
+    (``(name)`` as its command name; systemd 252 gives it ``UNIT``, 262's systemd-executor
+    only ``_SYSTEMD_UNIT``)."""
+    return "UNIT" in entry or str(entry.get("_COMM", "")).startswith("(")
+
+
 def of_unit(entries: list[dict[str, Any]], unit: str) -> list[dict[str, Any]]:
-    """Lines the unit's own processes wrote (``_SYSTEMD_UNIT``; not systemd's, which carry
-    ``UNIT``, even from the unit's process before it executes the command)."""
-    return [e for e in entries if e.get("_SYSTEMD_UNIT") == unit and "UNIT" not in e]
+    """Lines the unit's own programs wrote (``_SYSTEMD_UNIT``), not systemd's."""
+    return [e for e in entries if e.get("_SYSTEMD_UNIT") == unit and not by_systemd(e)]
 
 
 def about_unit(entries: list[dict[str, Any]], unit: str) -> list[dict[str, Any]]:
-    """systemd's lines about the unit (``UNIT``), from PID 1 or the unit's process."""
-    return [e for e in entries if e.get("UNIT") == unit]
+    """systemd's lines about the unit, from PID 1 or the unit's process."""
+    return [e for e in entries if by_systemd(e)
+            and unit in (e.get("UNIT"), e.get("_SYSTEMD_UNIT"))]
 
 
 def seconds(entry: dict[str, Any]) -> float:

@@ -79,12 +79,17 @@ def nspawn(tree: Path, cgroup_name: str, options: Sequence[str], argv: Sequence[
 
 
 def run_in(tree: Path, cgroup_name: str, options: Sequence[str], argv: Sequence[str],
-           timeout: float = 300) -> None:
-    """Run one command in the tree (no boot); fail on a non-zero exit."""
+           timeout: float = 300) -> str:
+    """Run one command in the tree (no boot); fail on a non-zero exit, else return its
+    output."""
     log = tree.parent / f"{cgroup_name}.log"
-    outcome = nspawn(tree, cgroup_name, ["--console=pipe", *options], argv, timeout, log)
+    # A machine name of its own: the default, the directory's name, is the same for every
+    # root's prepared tree, and nspawn keeps per-machine state under /run/systemd/nspawn.
+    outcome = nspawn(tree, cgroup_name, ["--console=pipe", f"--machine={cgroup_name}",
+                                         *options], argv, timeout, log)
     if outcome.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} in {tree} failed:\n{outcome.log}")
+    return outcome.log
 
 
 def boot(tree: Path, cgroup_name: str, options: Sequence[str], timeout: float, log: Path,

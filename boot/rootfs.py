@@ -1,8 +1,17 @@
-"""The guest's root file system: a cached debootstrap base, then the agent as the recipe
-installs it, the stand-ins of meta-lmp's units and the boot test's own units.
+"""The guest's root file systems: a cached debootstrap base per Debian release, then the
+agent as the recipe installs it, the stand-ins of meta-lmp's units and the boot test's own
+units.
+
+Two roots: bookworm (systemd 252, Python 3.11), whose python3-cryptography is older than
+the agent needs, gets the agent and PyPI's wheels of its dependencies in a venv built here;
+forky (systemd 262, Python 3.14), nearer the wrynose images a factory ships, gets it as the
+recipe does: the wheel installed into the system Python (``python -m installer``, as oe-core's
+python_pep517 class does), its dependencies the distribution's packages.
 
 The Debian mirror is the one this machine's apt uses (deb822 ``*.sources`` or
-``sources.list``). The base is cached as a tarball keyed on suite, variant and packages.
+``sources.list``) for its own release, bookworm; forky comes from the same archive with
+debootstrap's ``sid`` script. Each base is cached as a tarball keyed on suite, variant,
+script and packages.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from bitbake import ROOT
@@ -22,10 +32,12 @@ from nspawn import run_in
 
 LOG = logging.getLogger(__name__)
 
-SUITE = "bookworm"
+HOST_SUITE = "bookworm"  # the release whose apt source names the mirror
 VARIANT = "minbase"
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "python3-systemd")
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-systemd")
 VENV = "/opt/lmp-autoreg"
+# The test kit's server runs from the Python that holds the agent (boot-test-server.service).
+KIT_PYTHON = "/usr/local/bin/boot-test-python"
 GUEST = Path(__file__).resolve().parent / "guest"
 # Guest file -> where it goes, with its mode.
 GUEST_FILES = {
@@ -47,17 +59,48 @@ MACHINE = "boot-test-machine"
 TAG = "main"
 
 
+@dataclass(frozen=True)
+class Root:
+    """One Debian release the scenarios boot, and how the agent goes into it."""
+
+    suite: str
+    packages: tuple[str, ...]
+    # Where the agent's Python is: a venv of PyPI's wheels, or the system's python3 with
+    # the distribution's packages (as the recipe's RDEPENDS would bring them).
+    venv: bool
+    script: str | None = None  # debootstrap's script for a suite newer than the host's
+    # Every boot on the unified cgroup hierarchy (systemd 258 dropped cgroup v1); else only
+    # the boots that need it (BootSpec.bpf), the others on the host's hybrid layout.
+    unified: bool = False
+
+    @property
+    def python(self) -> str:
+        return f"{VENV}/bin/python" if self.venv else "/usr/bin/python3"
+
+
+ROOTS = {
+    "bookworm": Root("bookworm", (*BASE_PACKAGES, "python3-venv"), venv=True),
+    # python3-cffi-backend by name: debootstrap does not resolve the virtual packages
+    # python3-cryptography depends on (python3-cffi-backend-api-min/-max).
+    "forky": Root("forky", (*BASE_PACKAGES, "python3-requests", "python3-cryptography",
+                            "python3-cffi-backend", "python3-installer"), venv=False,
+                  script="/usr/share/debootstrap/scripts/sid", unified=True),
+}
+# Shown for each root: the versions the agent runs with.
+DISTRIBUTIONS = ("requests", "cryptography", "systemd-python")
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lmp-autoreg-boot"
 
 
 def apt_mirror(etc: Path = Path("/etc/apt")) -> str:
-    """The URI this machine's apt uses for Debian's main archive of SUITE."""
+    """The URI this machine's apt uses for Debian's main archive of HOST_SUITE."""
     for path in sorted((etc / "sources.list.d").glob("*.sources")):
         for stanza in re.split(r"\n\s*\n", path.read_text()):
             fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.MULTILINE))
-            if "deb" in fields.get("Types", "").split() and SUITE in fields.get(
+            if "deb" in fields.get("Types", "").split() and HOST_SUITE in fields.get(
                     "Suites", "").split():
                 return fields["URIs"].split()[0]
     lists = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]
@@ -65,26 +108,27 @@ def apt_mirror(etc: Path = Path("/etc/apt")) -> str:
         if path.is_file():
             for line in path.read_text().splitlines():
                 words = re.sub(r"\[[^]]*\]", "", line).split()
-                if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
+                if len(words) >= 3 and words[0] == "deb" and words[2] == HOST_SUITE:
                     return words[1]
-    raise SystemExit(f"no apt source for Debian {SUITE} in {etc}: cannot debootstrap")
+    raise SystemExit(f"no apt source for Debian {HOST_SUITE} in {etc}: cannot debootstrap")
 
 
-def base_tarball() -> Path:
-    """The cached debootstrap tarball, made first when missing."""
-    key = hashlib.sha256(f"{SUITE} {VARIANT} {','.join(PACKAGES)}".encode()).hexdigest()[:16]
-    tarball = cache_dir() / f"{SUITE}-{VARIANT}-{key}.tar"
+def base_tarball(root: Root) -> Path:
+    """The cached debootstrap tarball of ``root``, made first when missing."""
+    recipe = f"{root.suite} {VARIANT} {root.script} {','.join(root.packages)}"
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    tarball = cache_dir() / f"{root.suite}-{VARIANT}-{key}.tar"
     if tarball.is_file():
-        LOG.info("base rootfs from the cache: %s", tarball)
+        LOG.info("%s: base rootfs from the cache: %s", root.suite, tarball)
         return tarball
     tarball.parent.mkdir(parents=True, exist_ok=True)
     mirror = apt_mirror()
-    LOG.info("debootstrap %s from %s (cached afterwards)", SUITE, mirror)
+    LOG.info("%s: debootstrap from %s (cached afterwards)", root.suite, mirror)
     work = tarball.with_suffix(".d")
     shutil.rmtree(work, ignore_errors=True)
-    subprocess.run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(PACKAGES)}",
-                    SUITE, str(work), mirror], check=True, stdout=subprocess.DEVNULL,
-                   timeout=900)
+    subprocess.run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(root.packages)}",
+                    root.suite, str(work), mirror, *([root.script] if root.script else [])],
+                   check=True, stdout=subprocess.DEVNULL, timeout=1200)
     partial = tarball.with_suffix(".partial")
     subprocess.run(["tar", "-C", str(work), "--numeric-owner", "-cf", str(partial), "."],
                    check=True)
@@ -93,11 +137,12 @@ def base_tarball() -> Path:
     return tarball
 
 
-def build_wheels(dest: Path) -> None:
-    """Wheels of the checkout and its dependencies, for the host's Python (which must be
-    the guest's minor version; checked in prepare)."""
+def build_wheels(dest: Path, dependencies: bool) -> None:
+    """The checkout's wheel (pure Python), with its dependencies' wheels for the host's
+    Python when asked (which must then be the guest's minor version; checked in prepare)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                    "--wheel-dir", str(dest), str(ROOT)], check=True, timeout=600)
+                    *([] if dependencies else ["--no-deps"]), "--wheel-dir", str(dest),
+                    str(ROOT)], check=True, timeout=600)
 
 
 def guest_python(tree: Path) -> str:
@@ -108,18 +153,16 @@ def guest_python(tree: Path) -> str:
     return versions[0].removeprefix("python")
 
 
-def prepare(tree: Path, work: Path, cgroup_name: str) -> None:
-    """Make ``tree`` the prepared guest (everything but each scenario's own settings)."""
-    tree.mkdir(parents=True)
-    with tarfile.open(base_tarball()) as tar:
-        tar.extractall(tree, filter="fully_trusted")
+def install_venv(tree: Path, work: Path, cgroup_name: str) -> None:
+    """The agent and PyPI's wheels of its dependencies in a venv that also sees the
+    distribution's python3-systemd; the command linked into /usr/bin."""
     host = f"{sys.version_info.major}.{sys.version_info.minor}"
     guest = guest_python(tree)
     if guest != host:
         raise SystemExit(f"the host's Python is {host}, the guest's {guest}: the wheels "
                          f"built here would not fit; run with a Python {guest}")
     wheels = work / "wheels"
-    build_wheels(wheels)
+    build_wheels(wheels, dependencies=True)
     run_in(tree, cgroup_name, [f"--bind-ro={wheels}:/wheels"], [
         "/bin/sh", "-ec",
         f"python3 -m venv --system-site-packages {VENV}; "
@@ -128,6 +171,41 @@ def prepare(tree: Path, work: Path, cgroup_name: str) -> None:
     bin_link = tree / "usr/bin/lmp-device-auto-register"
     bin_link.unlink(missing_ok=True)
     bin_link.symlink_to(f"{VENV}/bin/lmp-device-auto-register")
+
+
+def install_system(tree: Path, work: Path, cgroup_name: str) -> None:
+    """The agent's wheel installed into the system Python as oe-core's python_pep517 class
+    installs it (``python -m installer``): the package into the distribution's site
+    directory, the command into /usr/bin. The dependencies are the distribution's."""
+    wheels = work / "wheel"
+    build_wheels(wheels, dependencies=False)
+    (wheel,) = wheels.glob("lmp_autoreg-*.whl")
+    # Debian's python3 installs into /usr/local unless told the distribution's layout.
+    run_in(tree, cgroup_name, [f"--bind-ro={wheels}:/wheels",
+                               "--setenv=DEB_PYTHON_INSTALL_LAYOUT=deb"],
+           ["python3", "-m", "installer", "--prefix", "/usr", f"/wheels/{wheel.name}"])
+
+
+def versions(tree: Path, root: Root, cgroup_name: str) -> str:
+    """The agent's Python and the versions of its dependencies in the prepared tree."""
+    code = ("import importlib.metadata as m, platform; "
+            f"print('Python ' + platform.python_version(), *(d + ' ' + m.version(d) "
+            f"for d in {DISTRIBUTIONS!r}), sep=', ')")
+    return run_in(tree, cgroup_name, [], [root.python, "-c", code]).strip()
+
+
+def prepare(root: Root, tree: Path, work: Path, cgroup_name: str) -> str:
+    """Make ``tree`` the prepared guest of ``root`` (everything but each scenario's own
+    settings); return the versions the agent runs with."""
+    tree.mkdir(parents=True)
+    with tarfile.open(base_tarball(root)) as tar:
+        tar.extractall(tree, filter="fully_trusted")
+    (install_venv if root.venv else install_system)(tree, work, cgroup_name)
+    # A script, not a link: a venv's python finds its pyvenv.cfg only through its own path.
+    kit_python = tree / KIT_PYTHON.lstrip("/")
+    kit_python.parent.mkdir(parents=True, exist_ok=True)
+    kit_python.write_text(f'#!/bin/sh\nexec {root.python} "$@"\n')
+    kit_python.chmod(0o755)
     for name, (dest, mode) in GUEST_FILES.items():
         target = tree / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,3 +223,4 @@ def prepare(tree: Path, work: Path, cgroup_name: str) -> None:
     (tree / "etc/os-release").write_text(
         os_release + f"LMP_FACTORY={FACTORY}\nLMP_FACTORY_TAG={TAG}\nLMP_MACHINE={MACHINE}\n")
     (tree / "etc/hostname").write_text("boot-test-device\n")
+    return versions(tree, root, cgroup_name)

@@ -1,13 +1,14 @@
-"""make boot-test: boot the agent under a real systemd, once per scenario.
+"""make boot-test: boot the agent under a real systemd, once per scenario and root.
 
-A debootstrap'd Debian (cached) gets the agent as the recipe installs it, stand-ins of
-meta-lmp's aktualizr-lite and fioconfig, the test kit's standalone server and a collector
-(rootfs.py). Each scenario boots an overlay of that tree with systemd-nspawn (nspawn.py);
-the guest's collector writes `systemctl show`, the journal as JSON and files into a
-directory bound from the host, which checks them (scenarios.py, evidence.py).
+Each root, a debootstrap'd Debian (cached: bookworm with systemd 252, forky with systemd
+262), gets the agent as the recipe installs it, stand-ins of meta-lmp's aktualizr-lite and
+fioconfig, the test kit's standalone server and a collector (rootfs.py). Each scenario
+boots an overlay of that tree with systemd-nspawn (nspawn.py); the guest's collector writes
+`systemctl show`, the journal as JSON and files into a directory bound from the host, which
+checks them (scenarios.py, evidence.py).
 
-Usage: ``python boot/run.py [--jobs N] [--only 1,3] [--keep]``. Needs root, mount and PID
-namespaces, overlayfs, debootstrap and systemd-nspawn.
+Usage: ``python boot/run.py [--jobs N] [--roots bookworm,forky] [--only 1,3] [--keep]``.
+Needs root, mount and PID namespaces, overlayfs, debootstrap and systemd-nspawn.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bitbake import ROOT, Recipe  # noqa: E402
 from evidence import Boot  # noqa: E402
 from nspawn import boot  # noqa: E402
-from rootfs import prepare  # noqa: E402
+from rootfs import ROOTS, Root, prepare  # noqa: E402
 from scenarios import BASE_VARIABLES, SCENARIOS, Scenario, Verdict  # noqa: E402
 
 LOG = logging.getLogger("boot-test")
 _print_lock = threading.Lock()
 
 
-def run_scenario(scenario: Scenario, tree: Path, work: Path, tag: str) -> tuple[Verdict, float]:
+def run_scenario(root: Root, scenario: Scenario, tree: Path, work: Path,
+                 tag: str) -> tuple[Verdict, float]:
+    """Boot ``scenario`` on an overlay of ``root``'s prepared ``tree``; ``tag`` names its
+    cgroups and machines ([A-Za-z0-9-] only)."""
     start = time.monotonic()
     here = work / f"s{scenario.number}"
     upper, scratch, merged, results = (here / n for n in ("upper", "work", "root", "results"))
@@ -64,7 +68,8 @@ def run_scenario(scenario: Scenario, tree: Path, work: Path, tag: str) -> tuple[
             if spec.bpf:
                 options.append("--system-call-filter=bpf")
             outcome = boot(merged, f"lmp-autoreg-boot-{tag}-{scenario.number}", options,
-                           spec.timeout, here / f"console-{i + 1}.log", unified=spec.bpf)
+                           spec.timeout, here / f"console-{i + 1}.log",
+                           unified=spec.bpf or root.unified)
             new = sorted(set((results / "out").iterdir()) - seen)
             boots.append(Boot.read(outcome.returncode, outcome.seconds, new[-1] if new else None))
         scenario.check(boots, verdict)
@@ -76,20 +81,30 @@ def run_scenario(scenario: Scenario, tree: Path, work: Path, tag: str) -> tuple[
     return verdict, time.monotonic() - start
 
 
-def report(scenario: Scenario, verdict: Verdict, seconds: float) -> None:
+def report(root: Root, scenario: Scenario, verdict: Verdict, seconds: float) -> None:
     word = "FAIL" if verdict.failures else "PASS"
     with _print_lock:
-        print(f"scenario {scenario.number:2d} {scenario.title}: {word} ({seconds:.1f} s)",
-              flush=True)
+        print(f"{root.suite:8} scenario {scenario.number:2d} {scenario.title}: {word} "
+              f"({seconds:.1f} s)", flush=True)
         for line in verdict.failures:
             print("    - " + line.replace("\n", "\n      "), flush=True)
         for line in verdict.notes:
             print("    " + line, flush=True)
 
 
+def prepare_root(root: Root, work: Path, tag: str) -> Path:
+    start = time.monotonic()
+    tree = work / "prepared"
+    found = prepare(root, tree, work, f"lmp-autoreg-boot-{tag}-prepare")
+    LOG.info("%s: guest prepared in %.1f s: %s", root.suite, time.monotonic() - start, found)
+    return tree
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--roots", default=",".join(ROOTS),
+                        help=f"roots to boot, comma separated (default {','.join(ROOTS)})")
     parser.add_argument("--only", help="scenario numbers, comma separated")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -97,6 +112,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("boot-test needs root (debootstrap, overlayfs, systemd-nspawn)", file=sys.stderr)
         return 2
+    roots = [ROOTS[name] for name in args.roots.split(",")]
     chosen = SCENARIOS
     if args.only:
         numbers = {int(n) for n in args.only.split(",")}
@@ -105,16 +121,20 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lmp-autoreg-boot.", dir="/var/tmp"))
     # Names the run's cgroups and machines, which allow only [A-Za-z0-9-].
     tag = re.sub(r"[^A-Za-z0-9]", "x", work.name.rsplit(".", 1)[1])
+    results = []
     try:
-        tree = work / "prepared"
-        prepare(tree, work, f"lmp-autoreg-boot-{tag}-prepare")
-        LOG.info("guest prepared in %.1f s", time.monotonic() - start)
+        # The roots are prepared side by side (a cold cache waits on the network), then
+        # every root's scenarios share one pool.
+        with ThreadPoolExecutor(max_workers=len(roots)) as pool:
+            trees = list(pool.map(lambda r: prepare_root(r, work / r.suite, f"{tag}-{r.suite}"),
+                                  roots))
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [(s, pool.submit(run_scenario, s, tree, work, tag)) for s in chosen]
-            results = []
-            for scenario, future in futures:
+            futures = [(root, s, pool.submit(run_scenario, root, s, tree, work / root.suite,
+                                             f"{tag}-{root.suite}"))
+                       for root, tree in zip(roots, trees, strict=True) for s in chosen]
+            for root, scenario, future in futures:
                 verdict, seconds = future.result()
-                report(scenario, verdict, seconds)
+                report(root, scenario, verdict, seconds)
                 results.append(verdict)
     finally:
         if args.keep:
