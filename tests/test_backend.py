@@ -309,7 +309,7 @@ def test_real_refusal_and_unreachable_server(live_root, device_root, registratio
 @pytest.mark.parametrize(
     ("mode", "code", "message"),
     [
-        ("wrong-key", 5, "does not certify its pkey.pem"),
+        ("wrong-key", 5, "certifies another key than this device's"),
         ("no-toml", 5, "left no usable sota.toml"),
         ("crash", 6, "Could not store certificate"),
     ],

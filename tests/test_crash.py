@@ -42,9 +42,9 @@ def installed(sota) -> list[str]:
 
 def assert_registered_as(device, sota, uuid: str) -> None:
     assert installed(sota) == REGISTERED
-    cert = identity.load_certificate((sota / "client.pem").read_bytes())
-    assert identity.common_name(cert) == uuid
-    assert identity.same_public_key(cert, identity.key_from_pem((sota / "pkey.pem").read_bytes()))
+    key = identity.key_from_pem((sota / "pkey.pem").read_bytes())
+    identity.check_client_certificate((sota / "client.pem").read_bytes(), uuid=uuid,
+                                      public_key=key.public_key())
     assert status(device) == {**status(device), "registered": True, "uuid": uuid,
                               "pending": False}
     assert sorted(p.name for p in (sota / ".lmp-autoreg").iterdir()) == ["lock"]
