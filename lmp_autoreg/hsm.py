@@ -18,8 +18,8 @@ under either label.
 The CSR is signed on the token: ``cryptography``'s builder encodes the request and signs
 it through the ``sign`` method of the private key it is given, so the key it gets is
 ``_TokenSigner``, an ``EllipticCurvePrivateKey`` whose ``sign`` has the token sign the
-request's SHA-256 digest (a custom signer, as cryptography's maintainers advise for keys on
-a token; pyca/cryptography#11616). The EC encodings (curve parameters, public point) go
+request's SHA-256 digest (a custom signer: cryptography's way for a key it does not hold).
+The EC encodings (curve parameters, public point) go
 through python-pkcs11's ``pkcs11.util.ec``.
 
 Importing this module imports ``python-pkcs11`` (the ``hsm`` extra): only HSM mode does.
