@@ -61,7 +61,8 @@ def test_certificate_for_another_uuid_is_rejected(device_root, registration_serv
 
 
 def test_failure_between_two_files_restores_everything(fs):
-    fs.create_file("/var/sota/root.crt", contents="a root that was here before")
+    # Modes too: a file that was 0600 (an HSM device's sota.toml holds the PIN) stays 0600.
+    fs.create_file("/var/sota/root.crt", contents="a root that was here before", st_mode=0o100600)
     fs.set_disk_usage(400, path="/var/sota")
     # pkey.pem and root.crt fit; client.pem does not: the disk fills between two files.
     plan = [PlannedFile("pkey.pem", b"key", 0o600), PlannedFile("root.crt", b"new root", 0o644),
@@ -70,6 +71,7 @@ def test_failure_between_two_files_restores_everything(fs):
         install(Path("/var/sota"), plan)
     assert sorted(p.name for p in Path("/var/sota").iterdir()) == ["root.crt"]
     assert Path("/var/sota/root.crt").read_bytes() == b"a root that was here before"
+    assert Path("/var/sota/root.crt").stat().st_mode & 0o777 == 0o600
 
 
 def test_something_in_the_way_fails_before_any_write(tmp_path):
