@@ -2,7 +2,7 @@
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lmp_autoreg import identity
@@ -59,3 +59,23 @@ def test_csr_is_signed_by_the_key_and_the_certificate_checked_against_it():
         identity.check_client_certificate(cert_pem, uuid="other", public_key=None)
     with pytest.raises(ValueError, match="not an X.509 certificate"):
         identity.check_client_certificate("not a certificate", uuid=uuid, public_key=None)
+
+
+@pytest.mark.parametrize("production", [False, True])
+def test_csr_is_what_the_device_gateway_expects(production):
+    """docs/spec.md section 2: CN uuid, OU factory (and businessCategory=production), two
+    critical extensions, keyUsage digitalSignature and extendedKeyUsage clientAuth."""
+    uuid = "11111111-2222-4333-8444-555555555555"
+    csr = x509.load_pem_x509_csr(
+        identity.make_csr(identity.FileKey.generate(), uuid, "acme", production).encode())
+    expected = f"OU=acme,CN={uuid}"
+    assert identity.name_string(csr.subject) == (
+        f"businessCategory=production,{expected}" if production else expected)
+    usage = csr.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature
+    assert not (usage.value.key_encipherment or usage.value.key_cert_sign
+                or usage.value.content_commitment or usage.value.key_agreement)
+    eku = csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert eku.critical and list(eku.value) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert len(csr.extensions) == 2
+    assert isinstance(csr.signature_hash_algorithm, hashes.SHA256)
