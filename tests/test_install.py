@@ -82,6 +82,18 @@ def test_something_in_the_way_fails_before_any_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["client.pem"]
 
 
+def test_a_link_in_the_way_is_replaced_and_its_target_left_alone(tmp_path):
+    elsewhere = tmp_path / "elsewhere.pem"
+    elsewhere.write_text("an old certificate on another partition")
+    sota = tmp_path / "sota"
+    sota.mkdir()
+    (sota / "client.pem").symlink_to(elsewhere)
+    install(sota, [PlannedFile("client.pem", b"cert", 0o644)])
+    assert not (sota / "client.pem").is_symlink()
+    assert (sota / "client.pem").read_bytes() == b"cert"
+    assert elsewhere.read_text() == "an old certificate on another partition"
+
+
 def test_disk_full_at_unit_level(fs):
     fs.create_dir("/var/sota")
     fs.set_disk_usage(200, path="/var/sota")
