@@ -5,8 +5,8 @@ pending identity and the install journal in the state dir) the system calls must
 the order fsync(temporary file) -> rename(temporary file, file) -> fsync(directory). State
 files are each made durable before the next write, and the state directory itself (the
 sota dir is fsync-ed after it is made) before the first of them; the installed files
-together, before the journal that could complete them is removed. Removing any of those fsyncs from the
-agent fails this test.
+together, before the journal that could complete them is removed. Removing any of those
+fsyncs from the agent fails this test.
 """
 
 import os
