@@ -459,7 +459,7 @@ def test_unhealthy_endpoint_is_retried_then_no_answer(live_root, device_root,
 @pytest.mark.parametrize(
     ("mode", "hsm", "message"),
     [
-        ("other-uuid", False, "client.pem is for "),
+        ("other-uuid", False, "succeeded, but client.pem is for "),
         ("hsm-no-p11", True, "left a sota.toml without the [p11] section"),
     ],
 )
