@@ -28,7 +28,7 @@ its own is journaled: that completes, and then drops them).
 Keys. ``keys`` is a ``devicekey.KeyKind``: it makes the identity's key and reads it back
 from the record the state keeps; the attempt uses the key only through
 ``devicekey.DeviceKey`` (``public_key()``, ``sign_csr(builder)``, ``record()``,
-``certifies(cert)``, ``files()``, ``config()``, ``store_certificate(cert)``):
+``files()``, ``config()``, ``store_certificate(cert)``):
 ``identity.FILE_KEYS``, a key in ``pkey.pem``, or ``hsm.TokenKeys``, a key on a PKCS#11
 token.
 """

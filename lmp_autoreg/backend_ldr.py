@@ -324,23 +324,18 @@ def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
         toml: dict[str, Any] = tomllib.loads(read("sota.toml").decode("utf-8", "replace"))
     except tomllib.TOMLDecodeError as e:
         raise BadAnswer(f"{TOOL} left a sota.toml that is not valid TOML: {e}") from e
+    if hsm and "p11" not in toml:
+        raise BadAnswer(f"{TOOL} left a sota.toml without the [p11] section of the HSM")
+    public_key = None  # HSM: the key is on the token
+    if not hsm:
+        try:
+            public_key = identity.key_from_pem(read("pkey.pem")).public_key()
+        except ValueError as e:
+            raise BadAnswer(f"{TOOL} left a pkey.pem that is not an EC private key: {e}") from e
     try:
-        cert = identity.load_certificate(read("client.pem"))
+        identity.check_client_certificate(read("client.pem"), uuid=uuid, public_key=public_key)
     except ValueError as e:
-        raise BadAnswer(f"{TOOL} left a client.pem that is not a certificate: {e}") from e
-    if identity.common_name(cert) != uuid:
-        raise BadAnswer(f"{TOOL} left a client.pem for {identity.common_name(cert)!r}, "
-                        f"not this device ({uuid})")
-    if hsm:
-        if "p11" not in toml:
-            raise BadAnswer(f"{TOOL} left a sota.toml without the [p11] section of the HSM")
-        return
-    try:
-        matches = identity.same_public_key(cert, identity.key_from_pem(read("pkey.pem")))
-    except ValueError as e:
-        raise BadAnswer(f"{TOOL} left a pkey.pem that is not an EC private key: {e}") from e
-    if not matches:
-        raise BadAnswer(f"{TOOL} left a client.pem that does not certify its pkey.pem")
+        raise BadAnswer(f"{TOOL} succeeded, but {e}") from e
 
 
 def dry_run_request(

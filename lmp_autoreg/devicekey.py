@@ -14,8 +14,6 @@ these methods, and nothing else changes.
 - ``record()``: what the pending identity and the install journal keep of the key, a
   JSON value: a file key keeps its PEM text; a key on a token would keep where it is
   (say ``{"token": ..., "id": ...}``), never a PIN;
-- ``certifies(cert)``: whether the certificate is for this key (``install.verify_answer``
-  refuses an answer that is not);
 - ``files()``: the files to install with the answer, name to content, each mode 0600:
   ``{"pkey.pem": ...}`` for a file key, ``{}`` for a key on a token;
 - ``config()``: TOML the device adds to the server's ``sota.toml`` (a token key's
@@ -51,8 +49,6 @@ class DeviceKey(Protocol):
     ) -> x509.CertificateSigningRequest: ...
 
     def record(self) -> KeyRecord: ...
-
-    def certifies(self, cert: x509.Certificate) -> bool: ...
 
     def files(self) -> dict[str, bytes]: ...
 

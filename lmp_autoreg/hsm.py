@@ -15,9 +15,12 @@ failed ``--force`` leaves the old registration working; ``TokenKey.store_certifi
 then swaps them. A crash in between is harmless: the key is found again by its public key,
 under either label.
 
-The CSR is signed on the token: ``cryptography`` signs only with keys it holds, so this
-module builds the ``CertificationRequestInfo`` (RFC 2986) itself and has the token sign
-its SHA-256 digest.
+The CSR is signed on the token: ``cryptography``'s builder encodes the request and signs
+it through the ``sign`` method of the private key it is given, so the key it gets is
+``_TokenSigner``, an ``EllipticCurvePrivateKey`` whose ``sign`` has the token sign the
+request's SHA-256 digest (a custom signer: cryptography's way for a key it does not hold).
+The EC encodings (curve parameters, public point) go
+through python-pkcs11's ``pkcs11.util.ec``.
 
 Importing this module imports ``python-pkcs11`` (the ``hsm`` extra): only HSM mode does.
 """
@@ -35,7 +38,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import (
     NoSuchToken,
@@ -46,6 +53,7 @@ from pkcs11.exceptions import (
     PinLocked,
     PKCS11Error,
 )
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from .errors import ConfigError, LocalFailure
 from .settings import Hsm
@@ -59,9 +67,6 @@ CERT_LABEL, CERT_ID = "client", b"\x03"
 # What sota.toml's [p11] section names, as the C++ tool writes it.
 P11_KEY_ID, P11_CERT_ID = "01", "03"
 
-_P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # namedCurve prime256v1
-_EXTENSION_REQUEST = bytes.fromhex("06092a864886f70d01090e")  # 1.2.840.113549.1.9.14
-_ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")  # AlgorithmIdentifier
 # A uuid in a slot's description, as the C++ tool looks for it (lower-case hex only).
 _SLOT_UUID = re.compile(r"[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12}")
 
@@ -132,10 +137,16 @@ def _why(error: PKCS11Error) -> str:
     return str(error) or type(error).__name__
 
 
-def _p256_spki(point: bytes) -> ec.EllipticCurvePublicKey:
-    if len(point) == 67 and point[:2] == b"\x04\x41":  # DER OCTET STRING around it
-        point = point[2:]
-    return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+def _public_key(obj: "pkcs11.PublicKey") -> ec.EllipticCurvePublicKey:
+    """The public key of a P-256 public key object on the token. PKCS#11 stores the point
+    as a DER OCTET STRING; some modules give the bare uncompressed point (65 bytes)."""
+    point = bytes(obj[Attribute.EC_POINT])
+    if len(point) == 65:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    key = load_der_public_key(encode_ec_public_key(obj))
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ValueError("the key on the token is not a P-256 key")
+    return key
 
 
 def _spki_hex(key: ec.EllipticCurvePublicKey) -> str:
@@ -159,7 +170,7 @@ class _Session:
         keys = self.objects(ObjectClass.PUBLIC_KEY, label)
         if len(keys) != 1 or not self.has(ObjectClass.PRIVATE_KEY, label):
             return None
-        return _p256_spki(bytes(keys[0][Attribute.EC_POINT]))
+        return _public_key(keys[0])
 
     def remove(self, label: str, *classes: ObjectClass) -> None:
         for object_class in classes or (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
@@ -170,7 +181,8 @@ class _Session:
         """A new P-256 pair on the token as ``label`` (any older one of that label goes)."""
         self.remove(label)
         params = self.session.create_domain_parameters(
-            KeyType.EC, {Attribute.EC_PARAMS: _P256_PARAMS}, local=True
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+            local=True,
         )
         public, _ = params.generate_keypair(
             store=True,
@@ -185,9 +197,9 @@ class _Session:
             },
         )
         LOG.info("generated the device key on the token %s as %r", TOKEN_LABEL, label)
-        return _p256_spki(bytes(public[Attribute.EC_POINT]))
+        return _public_key(public)
 
-    def sign(self, label: str, data: bytes) -> bytes:
+    def sign(self, label: str, data: bytes | bytearray | memoryview) -> bytes:
         """An ECDSA/SHA-256 signature of ``data`` by the token, DER (X9.62)."""
         (key,) = self.objects(ObjectClass.PRIVATE_KEY, label)
         raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
@@ -211,27 +223,11 @@ class TokenKey:
     def sign_csr(
         self, builder: x509.CertificateSigningRequestBuilder
     ) -> x509.CertificateSigningRequest:
-        """The builder's request, for this key, signed by the token.
-
-        ``cryptography`` signs only with keys it holds: the subject and extensions are read
-        back from a request the builder signs with a throwaway key, and the request info
-        (RFC 2986) is built again around this key, for the token to sign."""
-        draft = builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
-        info = certification_request_info(
-            draft.subject.public_bytes(),
-            self.public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            [(e.oid.dotted_string, e.critical, e.value.public_bytes()) for e in draft.extensions],
-        )
-        with open_token(self.hsm) as token:
-            signature = token.sign(self.label, info)
-        der = _tlv(0x30, info + _ECDSA_SHA256 + _tlv(0x03, b"\x00" + signature))
-        return x509.load_der_x509_csr(der)
+        """The builder's request for this key, signed by the token (``_TokenSigner``)."""
+        return builder.sign(_TokenSigner(self), hashes.SHA256())
 
     def record(self) -> dict[str, str]:
         return {"token": TOKEN_LABEL, "label": self.label, "public": _spki_hex(self.public)}
-
-    def certifies(self, cert: x509.Certificate) -> bool:
-        return bool(cert.public_key() == self.public)
 
     def files(self) -> dict[str, bytes]:
         return {}  # no pkey.pem: the key never leaves the token
@@ -272,6 +268,51 @@ class TokenKey:
 
     def __repr__(self) -> str:
         return f"TokenKey({TOKEN_LABEL}:{self.label})"
+
+
+class _TokenSigner(ec.EllipticCurvePrivateKey):
+    """The token's private key as cryptography's builders take it: ``sign`` has the token
+    sign, the rest is the public half's; the private half never leaves the token."""
+
+    def __init__(self, key: TokenKey) -> None:
+        self._key = key
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._key.public.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._key.public.key_size
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public
+
+    def sign(self, data: bytes | bytearray | memoryview,
+             signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        if not (isinstance(signature_algorithm, ec.ECDSA)
+                and isinstance(signature_algorithm.algorithm, hashes.SHA256)):
+            raise TypeError("the token signs with ECDSA over SHA-256 only")
+        with open_token(self._key.hsm) as token:
+            return token.sign(self._key.label, data)
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        raise TypeError("the key on the token only signs")
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        raise TypeError("the key on the token is not extractable")
+
+    def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
+        raise TypeError("the key on the token is not extractable")
+
+    def __copy__(self) -> "_TokenSigner":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_TokenSigner":
+        return self
+
+    def __repr__(self) -> str:
+        return f"_TokenSigner({self._key!r})"
 
 
 class TokenKeys:
@@ -356,41 +397,3 @@ def _init_user_pin(token: "pkcs11.Token", hsm: Hsm) -> None:
                           f"({type(e).__name__}): check HSM_SOPIN") from e
     except PKCS11Error as e:
         raise LocalFailure(f"cannot set the user PIN of {TOKEN_LABEL}: {_why(e)}") from e
-
-
-# -- DER (X.690), just what a CertificationRequestInfo needs ------------------------------
-
-
-def _tlv(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes((tag, n)) + body
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + body
-
-
-def _oid(dotted: str) -> bytes:
-    first, second, *rest = (int(p) for p in dotted.split("."))
-    out = bytearray((40 * first + second,))
-    for arc in rest:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        out += bytes(reversed(chunk))
-    return _tlv(0x06, bytes(out))
-
-
-def certification_request_info(
-    subject: bytes, spki: bytes, extensions: list[tuple[str, bool, bytes]]
-) -> bytes:
-    """RFC 2986's CertificationRequestInfo: version 0, the subject Name (DER), the public
-    key (SubjectPublicKeyInfo DER), and one extensionRequest attribute holding
-    ``extensions`` (oid, critical, extnValue DER)."""
-    exts = b"".join(
-        _tlv(0x30, _oid(oid) + (b"\x01\x01\xff" if critical else b"") + _tlv(0x04, value))
-        for oid, critical, value in extensions
-    )
-    attribute = _tlv(0x30, _EXTENSION_REQUEST + _tlv(0x31, _tlv(0x30, exts)))
-    return _tlv(0x30, b"\x02\x01\x00" + subject + spki + _tlv(0xA0, attribute))

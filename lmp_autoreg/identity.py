@@ -7,18 +7,18 @@ Importing this module imports ``cryptography``: callers that may not need it (th
 already-registered guard, ``--help``) import it lazily.
 """
 
-import base64
 from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-try:  # the enum where x509 has already loaded it, without the serialization package
-    from cryptography.hazmat.primitives._serialization import Encoding
-except ImportError:  # pragma: no cover - a cryptography release that moved it
-    from cryptography.hazmat.primitives.serialization import Encoding
 
 if TYPE_CHECKING:
     from .devicekey import DeviceKey
@@ -30,43 +30,13 @@ def new_key() -> PrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-# A P-256 private key as unencrypted PKCS#8 DER is a fixed layout around the 32-byte
-# secret and the 65-byte public point. ``key_to_pem`` fills it in itself because
-# cryptography's ``private_bytes`` imports the whole ``serialization`` package (its SSH
-# support, ``dataclasses``, ``inspect``: about 1 MiB, the largest cost of a registration
-# beyond its import floor; docs/performance.md). tests/test_identity.py checks that the
-# result is byte for byte what ``private_bytes(PEM, PKCS8, NoEncryption())`` gives.
-_PKCS8_P256_HEAD = bytes.fromhex(
-    "308187020100"  # PrivateKeyInfo, version 0
-    "301306072a8648ce3d020106082a8648ce3d030107"  # id-ecPublicKey, prime256v1
-    "046d306b0201010420"  # OCTET STRING { ECPrivateKey, version 1, privateKey ...
-)
-_PKCS8_P256_POINT = bytes.fromhex("a14403420004")  # ... [1] publicKey, uncompressed point
-
-
 def key_to_pem(key: PrivateKey) -> bytes:
     """The key as unencrypted PKCS#8 PEM (``-----BEGIN PRIVATE KEY-----``)."""
-    if key.curve.name != "secp256r1":
-        raise ValueError(f"not a P-256 key: {key.curve.name}")
-    numbers = key.private_numbers()
-    point = numbers.public_numbers
-    der = b"".join((
-        _PKCS8_P256_HEAD,
-        numbers.private_value.to_bytes(32, "big"),
-        _PKCS8_P256_POINT,
-        point.x.to_bytes(32, "big"),
-        point.y.to_bytes(32, "big"),
-    ))
-    text = base64.b64encode(der).decode()
-    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
-    return ("-----BEGIN PRIVATE KEY-----\n" + "\n".join(lines)
-            + "\n-----END PRIVATE KEY-----\n").encode()
+    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
 
 def key_from_pem(pem: bytes) -> PrivateKey:
     """Parse a PEM private key; ValueError when it is not an EC key."""
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     key = load_pem_private_key(pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("not an EC private key")
@@ -102,9 +72,6 @@ class FileKey:
 
     def record(self) -> str:
         return self.pem.decode("ascii")
-
-    def certifies(self, cert: x509.Certificate) -> bool:
-        return same_public_key(cert, self.key)
 
     def files(self) -> dict[str, bytes]:
         return {"pkey.pem": self.pem}
@@ -170,9 +137,22 @@ def load_certificate(pem: str | bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(data)
 
 
-def same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:
-    """True when ``cert`` certifies ``key``."""
-    return bool(cert.public_key() == key.public_key())
+def check_client_certificate(
+    pem: str | bytes, *, uuid: str, public_key: ec.EllipticCurvePublicKey | None
+) -> x509.Certificate:
+    """``client.pem`` as the device may use it: a certificate whose CN is ``uuid`` and
+    which certifies ``public_key`` (None: a key on a token that the caller does not open).
+    ValueError saying what is wrong with it."""
+    try:
+        cert = load_certificate(pem)
+    except ValueError as e:
+        raise ValueError(f"client.pem is not an X.509 certificate: {e}") from e
+    name = common_name(cert)
+    if name != uuid:
+        raise ValueError(f"client.pem is for {name!r}, not this device ({uuid})")
+    if public_key is not None and cert.public_key() != public_key:
+        raise ValueError("client.pem certifies another key than this device's")
+    return cert
 
 
 def common_name(cert: x509.Certificate) -> str | None:

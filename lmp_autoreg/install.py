@@ -61,15 +61,11 @@ def verify_answer(
     if reserved:
         raise BadAnswer(f"the answer names files that are not the server's to write: {reserved!r}")
     try:
-        cert = identity.load_certificate(files["client.pem"])
-    except ValueError as e:
-        raise BadAnswer(f"client.pem is not an X.509 certificate: {e}") from e
-    if identity.common_name(cert) != uuid:
-        raise BadAnswer(
-            f"client.pem is for {identity.common_name(cert)!r}, not this device ({uuid})"
+        identity.check_client_certificate(
+            files["client.pem"], uuid=uuid, public_key=None if key is None else key.public_key()
         )
-    if key is not None and not key.certifies(cert):
-        raise BadAnswer("client.pem certifies another key than this device's")
+    except ValueError as e:
+        raise BadAnswer(str(e)) from e
     try:
         identity.load_certificate(files["root.crt"])
     except ValueError as e:

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 
 class Result:
-    """What happened. A plain class rather than a dataclass (``dataclasses`` costs every
-    registration about 1 MiB); the annotated names are the JSON keys, in order."""
+    """What happened. A plain class rather than a dataclass (``dataclasses`` costs about
+    1 MiB, which a run that never touches a key does without); the annotated names are the
+    JSON keys, in order."""
 
     result: str = ""
     uuid: str | None = None

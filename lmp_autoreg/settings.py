@@ -39,7 +39,8 @@ def redacted_repr(record: tuple, secrets: tuple[str, ...]) -> str:
 
 
 # The records below are NamedTuples, not dataclasses: ``dataclasses`` (with the ``inspect``
-# and ``ast`` it imports) would cost every registration about 1 MiB (docs/performance.md).
+# and ``ast`` it imports) costs about 1 MiB, which a run that never touches a key (a refused
+# setting, say) does without (docs/performance.md).
 class Hsm(NamedTuple):
     """A PKCS#11 module holding the device key; the PINs are secrets."""
 

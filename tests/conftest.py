@@ -66,8 +66,24 @@ def require_module(name: str) -> Any:
         pytest.skip(f"Python module {name} is not installed")
 
 
+# What else changes how the agent behaves, read by Python, requests or OpenSSL: every
+# ``PYTHON*`` variable (``PYTHONUNBUFFERED=1`` would hide output that is never flushed),
+# the test seams, SoftHSM's configuration, proxies and CA bundles. A device has none of them.
+OUTSIDE_ENV_PREFIXES = ("PYTHON", "LMP_AUTOREG_TEST_", "SOFTHSM2_", "FAKETIME")
+OUTSIDE_ENV = frozenset({
+    "http_proxy", "https_proxy", "all_proxy", "no_proxy", "requests_ca_bundle",
+    "curl_ca_bundle", "ssl_cert_file", "ssl_cert_dir", "ld_preload",
+})
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV}
+    """The environment of the machine running the tests without anything that changes what
+    the agent (or a fake tool) does, plus ``extra``."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in AGENT_ENV and not k.startswith(OUTSIDE_ENV_PREFIXES)
+        and k.lower() not in OUTSIDE_ENV
+    }
     env.update(extra)
     return env
 

@@ -26,8 +26,10 @@ stderr and exiting 255 when it fails. Its ``mode`` knob breaks it on purpose:
 ``wrong-key`` (leaves a pkey.pem the certificate does not match), ``no-toml`` (leaves no
 sota.toml), ``crash`` (writes the files, then fails with an unknown message),
 ``other-uuid`` (registers and installs a certificate for another uuid), ``hsm-no-p11``
-(HSM mode without the ``[p11]`` section); ``stderr``/``exit`` make it fail at once with
-that message.
+(HSM mode without the ``[p11]`` section), ``pkcs11-tool-fails`` (HSM mode: fails as the
+releases before libp11 support did when the token refused, echoing the ``pkcs11-tool``
+command line it ran, PINs included, on stderr, and exiting 1); ``stderr``/``exit`` make
+it fail at once with that message.
 """
 
 import json
@@ -156,6 +158,15 @@ hsm = bool(opts.get("--hsm-module"))
 if (hsm or opts.get("--hsm-pin") or opts.get("--hsm-so-pin")) and not (
         hsm and opts.get("--hsm-pin") and opts.get("--hsm-so-pin")):
     fail("HSM incorrectly configured")
+if hsm and CONF.get("mode") == "pkcs11-tool-fails":
+    # The tool once ran pkcs11-tool with the PINs on its command line, and printed that
+    # command line when it failed.
+    sys.stderr.write("Unable to run: pkcs11-tool --module %s --init-pin --token-label aktualizr "
+                     "--so-pin %s --pin %s\n" % (opts["--hsm-module"], opts["--hsm-so-pin"],
+                                                 opts["--hsm-pin"]))
+    sys.stderr.write("STDERR is: error: PKCS11 function C_Login failed: rv = "
+                     "CKR_PIN_INCORRECT (0xa0)\nAborting.\n")
+    sys.exit(1)
 production = boolean(opts["--production"]) or "PRODUCTION" in os.environ
 uuid = opts.get("-u") or str(uuidlib.uuid4())
 if not re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", uuid):

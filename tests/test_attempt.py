@@ -34,9 +34,6 @@ class HeldKey:
     def record(self):
         return {"on": "test-token", "id": self.key_id}
 
-    def certifies(self, cert):
-        return self._key.certifies(cert)
-
     def files(self):
         return {}
 

@@ -252,6 +252,21 @@ def test_hsm_pins_reach_the_tool_only(live_root, device_root, registration_serve
         assert secret not in run.stdout + run.stderr
 
 
+def test_pins_the_tool_prints_are_cut_out(live_root, device_root, registration_server, fakes,
+                                          env):
+    """A tool that prints its PINs when it fails (as its releases that ran pkcs11-tool did):
+    what the agent shows of it has them redacted."""
+    fakes.set("lmp-device-register", mode="pkcs11-tool-fails")
+    run = run_cli(*ldr_args(device_root, registration_server, "-vv", "--hsm-module",
+                            "/usr/lib/softhsm/libsofthsm2.so", "--hsm-pin", PIN,
+                            "--hsm-so-pin", SO_PIN), env=env)
+    assert run.returncode == 6, run.stderr
+    message = run.json["error"]["message"]
+    assert "--so-pin <redacted> --pin <redacted>" in message and "CKR_PIN_INCORRECT" in message
+    for secret in (PIN, SO_PIN, TOKEN):
+        assert secret not in run.stdout + run.stderr
+
+
 @pytest.mark.parametrize(
     ("stderr", "code", "kind", "shown"),
     [
@@ -309,7 +324,7 @@ def test_real_refusal_and_unreachable_server(live_root, device_root, registratio
 @pytest.mark.parametrize(
     ("mode", "code", "message"),
     [
-        ("wrong-key", 5, "does not certify its pkey.pem"),
+        ("wrong-key", 5, "certifies another key than this device's"),
         ("no-toml", 5, "left no usable sota.toml"),
         ("crash", 6, "Could not store certificate"),
     ],
@@ -444,7 +459,7 @@ def test_unhealthy_endpoint_is_retried_then_no_answer(live_root, device_root,
 @pytest.mark.parametrize(
     ("mode", "hsm", "message"),
     [
-        ("other-uuid", False, "left a client.pem for "),
+        ("other-uuid", False, "succeeded, but client.pem is for "),
         ("hsm-no-p11", True, "left a sota.toml without the [p11] section"),
     ],
 )

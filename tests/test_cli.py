@@ -445,7 +445,7 @@ def test_every_missing_or_invalid_setting_is_named_in_one_run(tmp_path, registra
     env = clean_env(FIOCONFIG="maybe")
     run = run_cli("--sysroot", str(device.root), "--device-api", registration_server.url,
                   "--uuid", "nope", "--timeout", "0", "--cacert", str(tmp_path / "no.pem"),
-                  "--json", env=env)
+                  "--hsm-module", "/usr/lib/softhsm/libsofthsm2.so", "--json", env=env)
     assert run.returncode == 2, run.stderr
     message = run.json["error"]["message"]
     expected = [
@@ -456,6 +456,8 @@ def test_every_missing_or_invalid_setting_is_named_in_one_run(tmp_path, registra
         "uuid from --uuid is invalid: 'nope' is not of the form 8-4-4-4-12 hex digits",
         "API token is not set: looked in --token-file, $TOKEN_FILE",
         "fioconfig from $FIOCONFIG is invalid: 'maybe' is not one of auto, on, off",
+        "partial HSM setting: --hsm-pin/HSM_PIN, --hsm-so-pin/HSM_SOPIN not set (looked on the "
+        "command line and in /etc/sota/hsm)",
         "timeout from --timeout is invalid: '0.0' is not a positive number of seconds",
         f"CA bundle from --cacert is invalid: {tmp_path / 'no.pem'} is not a readable file",
     ]

@@ -42,9 +42,9 @@ def installed(sota) -> list[str]:
 
 def assert_registered_as(device, sota, uuid: str) -> None:
     assert installed(sota) == REGISTERED
-    cert = identity.load_certificate((sota / "client.pem").read_bytes())
-    assert identity.common_name(cert) == uuid
-    assert identity.same_public_key(cert, identity.key_from_pem((sota / "pkey.pem").read_bytes()))
+    key = identity.key_from_pem((sota / "pkey.pem").read_bytes())
+    identity.check_client_certificate((sota / "client.pem").read_bytes(), uuid=uuid,
+                                      public_key=key.public_key())
     assert status(device) == {**status(device), "registered": True, "uuid": uuid,
                               "pending": False}
     assert sorted(p.name for p in (sota / ".lmp-autoreg").iterdir()) == ["lock"]
@@ -127,3 +127,32 @@ def test_force_or_another_uuid_abandons_the_half_install(device_root, server, so
     assert run.json["uuid"] != first and len(server.requests) == 2
     assert "abandoning the unfinished install of " + first in run.stderr
     assert_registered_as(device_root, sota, run.json["uuid"])
+
+
+def test_a_rerun_naming_the_killed_runs_uuid_completes_its_install(device_root, server, sota,
+                                                                   tmp_path):
+    """``--uuid`` equal to the interrupted install's uuid is that install: completed from
+    the kept answer, not abandoned (the server, which registered it, would answer 409)."""
+    kill_at("between-files", device_root, server, tmp_path / "marker")
+    killed = server.requests[0].json["uuid"]
+    run = run_cli(*device_args(device_root, server, "--json", "--uuid", killed))
+    assert run.returncode == 0, run.stderr
+    assert run.json["uuid"] == killed and len(server.requests) == 1
+    assert "completing it" in run.stderr
+    assert_registered_as(device_root, sota, killed)
+
+
+def test_a_failed_force_after_a_killed_install_leaves_no_registration(device_root, server,
+                                                                      sota, tmp_path):
+    """``--force`` abandons what a killed install wrote: when it then fails, the device
+    holds none of it. With the sota.toml an image ships, a client.pem left behind would
+    make the device look registered."""
+    (sota / "sota.toml").write_text('[pacman]\ntype = "ostree"\n')
+    kill_at("before-sota-toml", device_root, server, tmp_path / "marker")
+    assert (sota / "client.pem").exists()
+    server.default = Reply.error(400, "Invalid factory(acme) must be other")
+    run = run_cli(*device_args(device_root, server, "--json", "--force"))
+    assert run.returncode == 4, run.stderr
+    assert not {"client.pem", "client.chained", "pkey.pem", "root.crt"} & set(installed(sota))
+    assert status(device_root)["registered"] is False
+

@@ -3,9 +3,10 @@
 For every file the agent installs or saves whole (the answer's files in the sota dir; the
 pending identity and the install journal in the state dir) the system calls must come in
 the order fsync(temporary file) -> rename(temporary file, file) -> fsync(directory). State
-files are each made durable before the next write; the installed files together, before
-the journal that could complete them is removed. Removing any of those fsyncs from the
-agent fails this test.
+files are each made durable before the next write, and the state directory itself (the
+sota dir is fsync-ed after it is made) before the first of them; the installed files
+together, before the journal that could complete them is removed. Removing any of those
+fsyncs from the agent fails this test.
 """
 
 import os
@@ -19,7 +20,7 @@ from conftest import clean_env, device_args, require_tool
 
 INSTALLED = ["pkey.pem", "client.chained", "client.pem", "root.crt", "sota.toml"]
 STATE = ["identity.json", "install.json"]
-TRACED = "fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat"
+TRACED = "fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,mkdir,mkdirat"
 _CALL = re.compile(r"^\d+\s+(\w+)\((.*)\)\s+=\s+(-?\d+)")
 _FD_PATH = re.compile(r"^\d+<(.*)>$")
 _STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
@@ -27,7 +28,7 @@ _STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 @dataclass(frozen=True)
 class Call:
-    name: str  # fsync, rename, unlink (the *at variants under their plain names)
+    name: str  # fsync, rename, unlink, mkdir (the *at variants under their plain names)
     paths: tuple[str, ...]
 
 
@@ -45,8 +46,8 @@ def trace(path: Path) -> list[Call]:
                 continue
             calls.append(Call("fsync", (fd.group(1),)))
         else:
-            plain = "rename" if name.startswith("rename") else "unlink"
-            calls.append(Call(plain, tuple(_STRING.findall(args))))
+            plain = next(p for p in ("rename", "unlink", "mkdir") if name.startswith(p))
+            calls.append(Call(plain, tuple(os.path.realpath(p) for p in _STRING.findall(args))))
     return calls
 
 
@@ -84,6 +85,10 @@ def test_fsync_file_rename_fsync_dir_for_the_answer_and_the_state(device_root, r
             synced = [i for i in range(at) if calls[i] == Call("fsync", (temporary,))]
             assert synced, f"{name}: not fsync-ed before its rename"
             renamed[name] = at
+    made = index(calls, "mkdir", state)
+    assert made >= 0, "the state directory was not made"
+    dir_sync = index(calls, "fsync", sota, after=made)
+    assert 0 <= dir_sync < renamed["identity.json"], "the new state dir's entry is not durable"
     for name in STATE:  # each state file is durable before anything else is written
         at = renamed[name]
         following = next((i for i in range(at + 1, len(calls)) if calls[i].name == "rename"),

@@ -2,35 +2,20 @@
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lmp_autoreg import identity
 from lmp_autoreg.testing.ca import ThrowawayCA
 
 
-@pytest.mark.parametrize("n", range(20))
-def test_key_pem_is_exactly_what_cryptography_writes(n):
+def test_key_pem_is_unencrypted_pkcs8_of_the_key():
     key = identity.new_key()
-    expected = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-    assert identity.key_to_pem(key) == expected
-    loaded = serialization.load_pem_private_key(identity.key_to_pem(key), password=None)
+    pem = identity.key_to_pem(key)
+    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----\n")  # PKCS#8, not SEC1
+    loaded = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(loaded, ec.EllipticCurvePrivateKey)
     assert loaded.private_numbers() == key.private_numbers()
-
-
-def test_small_secrets_keep_their_leading_zeros():
-    # A secret below 2**248 has a zero first byte: the layout must still be 32 bytes.
-    key = ec.derive_private_key(12345, ec.SECP256R1())
-    expected = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-    assert identity.key_to_pem(key) == expected
-
-
-def test_other_curves_are_refused():
-    with pytest.raises(ValueError, match="P-256"):
-        identity.key_to_pem(ec.generate_private_key(ec.SECP384R1()))
 
 
 def test_file_key_round_trip_and_repr():
@@ -62,8 +47,35 @@ def test_csr_is_signed_by_the_key_and_the_certificate_checked_against_it():
     csr_pem = identity.make_csr(device_key, uuid, "acme", False)
     csr = x509.load_pem_x509_csr(csr_pem.encode())
     assert csr.is_signature_valid and csr.public_key() == device_key.public_key()
-    cert = identity.load_certificate(ca.sign_csr(csr_pem))
-    assert device_key.certifies(cert) and identity.same_public_key(cert, device_key.key)
-    other = identity.FileKey.generate()
-    assert not other.certifies(cert) and not identity.same_public_key(cert, other.key)
+    cert_pem = ca.sign_csr(csr_pem)
+    cert = identity.check_client_certificate(cert_pem, uuid=uuid,
+                                             public_key=device_key.public_key())
     assert identity.common_name(cert) == uuid
+    assert identity.check_client_certificate(cert_pem, uuid=uuid, public_key=None) == cert
+    other = identity.FileKey.generate()
+    with pytest.raises(ValueError, match="certifies another key than this device's"):
+        identity.check_client_certificate(cert_pem, uuid=uuid, public_key=other.public_key())
+    with pytest.raises(ValueError, match=r"is for '11111111-.*', not this device \(other\)"):
+        identity.check_client_certificate(cert_pem, uuid="other", public_key=None)
+    with pytest.raises(ValueError, match="not an X.509 certificate"):
+        identity.check_client_certificate("not a certificate", uuid=uuid, public_key=None)
+
+
+@pytest.mark.parametrize("production", [False, True])
+def test_csr_is_what_the_device_gateway_expects(production):
+    """docs/spec.md section 2: CN uuid, OU factory (and businessCategory=production), two
+    critical extensions, keyUsage digitalSignature and extendedKeyUsage clientAuth."""
+    uuid = "11111111-2222-4333-8444-555555555555"
+    csr = x509.load_pem_x509_csr(
+        identity.make_csr(identity.FileKey.generate(), uuid, "acme", production).encode())
+    expected = f"OU=acme,CN={uuid}"
+    assert identity.name_string(csr.subject) == (
+        f"businessCategory=production,{expected}" if production else expected)
+    usage = csr.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature
+    assert not (usage.value.key_encipherment or usage.value.key_cert_sign
+                or usage.value.content_commitment or usage.value.key_agreement)
+    eku = csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert eku.critical and list(eku.value) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert len(csr.extensions) == 2
+    assert isinstance(csr.signature_hash_algorithm, hashes.SHA256)

@@ -61,7 +61,8 @@ def test_certificate_for_another_uuid_is_rejected(device_root, registration_serv
 
 
 def test_failure_between_two_files_restores_everything(fs):
-    fs.create_file("/var/sota/root.crt", contents="a root that was here before")
+    # Modes too: a file that was 0600 (an HSM device's sota.toml holds the PIN) stays 0600.
+    fs.create_file("/var/sota/root.crt", contents="a root that was here before", st_mode=0o100600)
     fs.set_disk_usage(400, path="/var/sota")
     # pkey.pem and root.crt fit; client.pem does not: the disk fills between two files.
     plan = [PlannedFile("pkey.pem", b"key", 0o600), PlannedFile("root.crt", b"new root", 0o644),
@@ -70,6 +71,7 @@ def test_failure_between_two_files_restores_everything(fs):
         install(Path("/var/sota"), plan)
     assert sorted(p.name for p in Path("/var/sota").iterdir()) == ["root.crt"]
     assert Path("/var/sota/root.crt").read_bytes() == b"a root that was here before"
+    assert Path("/var/sota/root.crt").stat().st_mode & 0o777 == 0o600
 
 
 def test_something_in_the_way_fails_before_any_write(tmp_path):
@@ -78,6 +80,18 @@ def test_something_in_the_way_fails_before_any_write(tmp_path):
     with pytest.raises(LocalFailure, match="client.pem: something other than a file"):
         install(tmp_path, plan)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["client.pem"]
+
+
+def test_a_link_in_the_way_is_replaced_and_its_target_left_alone(tmp_path):
+    elsewhere = tmp_path / "elsewhere.pem"
+    elsewhere.write_text("an old certificate on another partition")
+    sota = tmp_path / "sota"
+    sota.mkdir()
+    (sota / "client.pem").symlink_to(elsewhere)
+    install(sota, [PlannedFile("client.pem", b"cert", 0o644)])
+    assert not (sota / "client.pem").is_symlink()
+    assert (sota / "client.pem").read_bytes() == b"cert"
+    assert elsewhere.read_text() == "an old certificate on another partition"
 
 
 def test_disk_full_at_unit_level(fs):

@@ -129,7 +129,8 @@ def test_registration_without_post_steps_loads_no_heavy_stdlib(tmp_path, floors,
                                                                registration_server):
     """Memory is the tightest budget (docs/performance.md): a registration that runs no
     command adds none of these to what its libraries load (``subprocess`` is for commands,
-    ``uuid`` imports ``platform``), and without an HSM it loads no PKCS#11."""
+    ``uuid`` imports ``platform``), and without an HSM it loads no PKCS#11. (The key's PEM is
+    cryptography's ``serialization`` package's, which the library floor includes.)"""
     code, modules, _, _ = probe(tmp_path, *device_args(device_root, registration_server))
     assert code == 0
     assert loaded(modules, ("pkcs11",)) == []

@@ -113,9 +113,9 @@ def assert_repaired(outcome: Outcome, server: RegistrationServer, requests: int 
     assert {r.json["uuid"] for r in server.requests} == {uuid}
     assert outcome.files(2) == REGISTERED and outcome.state(2) == ["lock"]
     after = outcome.out / "after2"
-    cert = identity.load_certificate((after / "client.pem").read_bytes())
-    assert identity.common_name(cert) == uuid
-    assert identity.same_public_key(cert, identity.key_from_pem((after / "pkey.pem").read_bytes()))
+    key = identity.key_from_pem((after / "pkey.pem").read_bytes())
+    identity.check_client_certificate((after / "client.pem").read_bytes(), uuid=uuid,
+                                      public_key=key.public_key())
 
 
 def test_disk_full_between_two_files(namespaces, device_root, registration_server, tmp_path):

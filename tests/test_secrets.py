@@ -10,6 +10,7 @@ from lmp_autoreg.preflight import check_token_transport, is_loopback, token_file
 from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.server import RegistrationServer, Reply
 
+import softhsm
 from conftest import device_args, run_cli
 
 TOKEN = "not-a-real-token"
@@ -82,6 +83,19 @@ def test_hsm_pins_from_the_device_file_never_show(tmp_path, registration_server)
     run = run_cli(*device_args(device, registration_server, "-vv", "--json"))
     assert run.returncode == 2 and "HSM" in run.json["error"]["message"]
     assert_no_secret(run)
+
+
+def test_a_token_refusing_the_pin_does_not_show_it(tmp_path, registration_server):
+    """A real token, a wrong PIN: the error says the login was refused, without the PIN."""
+    token = softhsm.SoftHsm(tmp_path / "softhsm")
+    token.init_token()
+    device = FakeDevice(tmp_path / "dev", hsm=softhsm.SoftHsm.settings(pin=PIN)).build()
+    run = run_cli(*device_args(device, registration_server, "-vv", "--json"), env=token.env)
+    assert run.returncode == 2, run.stderr
+    assert "refused the login" in run.json["error"]["message"]
+    assert_no_secret(run)
+    assert softhsm.SO_PIN not in shown(run)
+    assert registration_server.requests == []
 
 
 @pytest.mark.parametrize(

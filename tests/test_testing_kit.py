@@ -377,11 +377,18 @@ def test_json_bodies_the_reference_server_cannot_use(
 def test_a_request_that_is_not_json_gets_415(registration_server: RegistrationServer) -> None:
     good = json.dumps(make_body()).encode()
     for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-json"}):
-        answer = requests.post(registration_server.url, data=good, headers=headers, timeout=TIMEOUT)
-        assert answer.status_code == 415
+        for body in (good, b"{nope"):  # the type is checked before the body is read as JSON
+            answer = requests.post(registration_server.url, data=body, headers=headers,
+                                   timeout=TIMEOUT)
+            assert answer.status_code == 415, (headers, body)
     typed = {"Content-Type": "application/json; charset=utf-8"}
     assert requests.post(registration_server.url, data=good, headers=typed, timeout=TIMEOUT).ok
-    assert len(registration_server.registered) == 1
+    # A structured type of JSON is JSON (RFC 6839), as the Foundries API takes it.
+    suffixed = {"Content-Type": "application/vnd.foundries.device+json"}
+    answer = requests.post(registration_server.url, data=json.dumps(make_body()).encode(),
+                           headers=suffixed, timeout=TIMEOUT)
+    assert answer.status_code == 201, answer.text
+    assert len(registration_server.registered) == 2
 
 
 def test_content_type_check_can_be_turned_off() -> None:
