@@ -378,6 +378,8 @@ def test_kit_serve_prints_the_code_and_activate_approves(tmp_path):
         status, auth = post(lines["oauth"] + "/authorization/device/",
                             b"client_id=dev&scope=acme:devices:create")
         assert status == 200
+        # Whole numbers as JSON integers: the real lmp-device-register aborts on 1.0.
+        assert type(auth["interval"]) is int and type(auth["expires_in"]) is int
         shown = proc.stdout.readline()
         assert shown.startswith(f"user code: {auth['user_code']} ")
         assert post(lines["oauth"] + "/activate", b"user_code=NOPE-NOPE")[0] == 404

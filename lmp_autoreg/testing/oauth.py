@@ -195,11 +195,12 @@ class OAuthAuthority:
             self._changed.notify_all()
         activate = f"http://{headers.get('Host', '127.0.0.1')}{PREFIX}/activate"
         data: dict[str, Any] = {"device_code": code.device_code, "user_code": code.user_code,
-                                "verification_uri": activate, "expires_in": self.expires_in}
+                                "verification_uri": activate,
+                                "expires_in": _number(self.expires_in)}
         if self.complete_uri:
             data["verification_uri_complete"] = f"{activate}?user_code={code.user_code}"
         if self.interval is not None:
-            data["interval"] = self.interval
+            data["interval"] = _number(self.interval)
         if self.on_code is not None:
             self.on_code(DeviceCode(**vars(code)), activate)
         return _json(200, data)
@@ -256,6 +257,13 @@ class OAuthAuthority:
 def _user_code() -> str:
     letters = "".join(secrets.choice(_USER_CODE_LETTERS) for _ in range(8))
     return f"{letters[:4]}-{letters[4:]}"
+
+
+def _number(value: float) -> float | int:
+    """A whole number as a JSON integer: the real endpoints send integers, and
+    lmp-device-register reads ``interval`` and ``expires_in`` as ``int`` (it aborts on
+    ``2.0``)."""
+    return int(value) if float(value).is_integer() else value
 
 
 def _bytes(body: bytes | str) -> bytes:
