@@ -268,6 +268,46 @@ def test_a_terminal_starts_the_flow_and_stdout_stays_one_object(serve, device):
     assert_no_secret(authority, stdout.decode(), terminal)
 
 
+def test_under_systemd_the_prompt_is_the_status_line(serve, device, tmp_path):
+    from test_journal import notify_run
+
+    server, authority = serve(approve_after=1)
+    run, lines = notify_run(device, server, tmp_path, {}, "--oauth", "--oauth-url",
+                            oauth_url(server), "--json")
+    assert run.returncode == 0, run.stderr
+    code = authority.codes[0].user_code
+    shown = [line for line in lines if code in line]
+    assert shown and shown[0].startswith("to register this device, open ")
+    for secret in secrets_of(authority):
+        assert not any(secret in line for line in lines)
+
+
+def resolve(device, *argv: str, terminal: bool, **env: str):
+    from lmp_autoreg.cli import build_parser
+    from lmp_autoreg.settings import resolve as resolve_settings
+
+    args = build_parser().parse_args(["register", "--sysroot", str(device.root), *argv])
+    return resolve_settings(vars(args), env, terminal=terminal)
+
+
+def test_settings_when_the_flow_runs(device, tmp_path):
+    from lmp_autoreg.errors import ConfigError
+
+    assert resolve(device, terminal=True).oauth
+    assert resolve(device, "--oauth", terminal=False).oauth
+    assert not resolve(device, "--production", terminal=True).oauth
+    with pytest.raises(ConfigError, match="--oauth"):
+        resolve(device, terminal=False)
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    found = resolve(device, "--token-file", str(token), terminal=True)
+    assert not found.oauth and found.token == "t"
+    given = resolve(device, "--oauth", terminal=False, OAUTH_BASE="https://example.com/o/")
+    assert given.oauth_url == "https://example.com/o"
+    assert resolve(device, "--oauth", "--timeout", "5", terminal=False).timeout_given
+    assert not resolve(device, "--oauth", terminal=False).timeout_given
+
+
 # -- the lmp-device-register backend ---------------------------------------------------
 
 
@@ -458,3 +498,28 @@ def test_a_run_against_bad_answers_ends_with_a_documented_code_in_time(tmp_path_
     assert requests[-1].time - requests[0].time < 3.0
     assert_no_secret(authority, run.stdout, run.stderr)
     assert Path(dev.sota / "client.pem").exists() == (run.returncode == 0)
+
+
+def test_the_hand_off_gives_the_token_once_to_the_one_client_that_knows_the_path():
+    from lmp_autoreg.handoff import TokenHandOff
+
+    with TokenHandOff("the-token", "dev-uuid") as handoff:
+        base = handoff.url
+        assert base.startswith("http://127.0.0.1:") and len(handoff.prefix) > 30
+        grant = "grant_type=urn:ietf:params:oauth:grant-type:device_code&client_id=dev-uuid"
+        wrong_path = base.rsplit("/", 1)[0] + "/guess"
+        assert post(wrong_path + "/authorization/device/", b"client_id=dev-uuid")[0] == 404
+        assert post(base + "/authorization/device/", b"client_id=other")[0] == 400
+        status, auth = post(base + "/authorization/device/", b"client_id=dev-uuid")
+        assert status == 200 and "the-token" not in json.dumps(auth)
+        assert type(auth["interval"]) is int and type(auth["expires_in"]) is int
+        assert post(base + "/token/", f"{grant}&device_code=forged".encode())[0] == 400
+        other = f"grant_type={oauth.GRANT_TYPE}&client_id=x&device_code={auth['device_code']}"
+        assert post(base + "/token/", other.encode())[0] == 400  # and the code is spent
+        status, auth = post(base + "/authorization/device/", b"client_id=dev-uuid")
+        form = f"{grant}&device_code={auth['device_code']}".encode()
+        assert post(base + "/token/", form) == (200, {"access_token": "the-token",
+                                                      "token_type": "Bearer"})
+        assert post(base + "/token/", form)[0] == 400
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(base + "/token/", data=form, timeout=5)
