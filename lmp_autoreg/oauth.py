@@ -56,8 +56,6 @@ MAX_CODE = 4096
 MAX_SHOWN = 512
 MESSAGE_LIMIT = 200
 USER_AGENT = f"lmp-device-auto-register/{__version__}"
-# What a person is shown must not steer the terminal: no control characters at all.
-_SHOWABLE = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
 _URL = re.compile(r"https?://[^\s\x00-\x1f\x7f-\x9f]+")
 
 
@@ -119,7 +117,9 @@ def _number(value: object) -> float | None:
 
 
 def _showable(value: object, limit: int = MAX_SHOWN) -> str | None:
-    if isinstance(value, str) and 0 < len(value) <= limit and _SHOWABLE.fullmatch(value):
+    # What a person is shown must not steer the terminal (no control characters) nor
+    # hide what it says (no format characters such as a bidi override): printable only.
+    if isinstance(value, str) and 0 < len(value) <= limit and value.isprintable():
         return value
     return None
 

@@ -523,3 +523,54 @@ def test_the_hand_off_gives_the_token_once_to_the_one_client_that_knows_the_path
         assert post(base + "/token/", form)[0] == 400
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(base + "/token/", data=form, timeout=5)
+
+
+def test_never_polls_faster_than_once_a_second(serve, device):
+    """The floor: an interval of 0 from the server is not a busy loop."""
+    server, _ = serve(interval=0, approve_after=3)
+    run = run_cli(*by_hand(device, server))
+    assert run.returncode == 0, run.stderr
+    times = [r.time for r in polls(server)]
+    assert len(times) == 3
+    assert all(b - a >= oauth.MIN_INTERVAL for a, b in zip(times, times[1:], strict=False))
+    assert run.json["oauth"]["interval"] == oauth.MIN_INTERVAL
+
+
+ODD_NUMBERS = st.one_of(
+    st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+    st.none(), st.text(max_size=5), st.sampled_from([0, 0.05, 0.5, 1, 5, 1e308, -1]),
+)
+
+
+@pytest.mark.props
+@given(interval=ODD_NUMBERS | st.just("absent"), expires_in=ODD_NUMBERS | st.just("absent"))
+def test_odd_intervals_and_lifetimes_are_refused_or_floored(interval, expires_in):
+    answer = {"device_code": "d", "user_code": "ABCD-EFGH",
+              "verification_uri": "https://app.foundries.io/activate"}
+    for name, value in (("interval", interval), ("expires_in", expires_in)):
+        if value != "absent":
+            answer[name] = value
+    try:
+        auth = oauth.read_authorization(200, json.dumps(answer).encode())
+    except BadAnswer:
+        return
+    assert 0 < auth.expires_in < float("inf")
+    assert oauth.poll_wait(auth.interval) >= oauth.MIN_INTERVAL
+    assert auth.interval == (5.0 if interval == "absent" else interval)  # RFC 8628 3.2
+
+
+@pytest.mark.props
+@given(user_code=st.text(max_size=70), path=st.text(max_size=30), complete=st.text(max_size=30))
+def test_what_a_person_is_shown_never_steers_the_terminal(user_code, path, complete):
+    answer = {"device_code": "d", "user_code": user_code, "expires_in": 600,
+              "verification_uri": "https://app.foundries.io/" + path,
+              "verification_uri_complete": "https://app.foundries.io/" + complete}
+    try:
+        auth = oauth.read_authorization(200, json.dumps(answer).encode())
+    except BadAnswer:
+        assert not (user_code.isprintable() and user_code and len(user_code) <= 64
+                    and (path.isprintable() and " " not in path))
+        return
+    shown = oauth.prompt("u", "acme", auth)
+    assert all(line.isprintable() for line in shown.splitlines())
+    assert "\x1b" not in shown
