@@ -13,8 +13,11 @@ chosen the uuid. Here it:
   ``PRODUCTION`` in its environment: a tool built with ``-DPRODUCTION`` defaults to
   production, so ``--production 0`` and no ``PRODUCTION`` are both needed for a
   development device. ``-A`` carries the same restorable apps the native request does.
-  The tool takes the token and the PINs on its command line and nowhere else, so they
-  are there; they are never logged: the command is shown with them redacted, and they
+  Registering by hand (``settings.oauth``, docs/spec.md section 9), there is no ``-T``:
+  the agent has run the OAuth flow, and the tool takes the access token from its own
+  flow against ``OAUTH_BASE``, which points at the agent's loopback hand-off (``handoff``).
+  Otherwise the tool takes an API token and the PINs on its command line and nowhere
+  else, so they are there; they are never logged: the command is shown with them redacted, and they
   are cut out of whatever the tool prints before it is shown;
 - classifies a failure by the tool's stderr (it exits 255 for every failure), as docs/spec.md
   section 5's table: unreachable or unhealthy endpoint, ``HTTP_5xx``/``HTTP_429``,
