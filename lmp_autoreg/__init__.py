@@ -23,6 +23,8 @@ checks that no import, not even one inside a function, goes round in a circle):
 - ``install``   verify the answer and install it into the sota dir atomically
 - ``progress``, ``retry``  status lines; the backoff policy and the retry loop, bounded
                 by the deadline
+- ``oauth``     registering by hand: the OAuth device authorization flow (RFC 8628)
+- ``handoff``   the OAuth access token to lmp-device-register over loopback, not argv
 - ``state``     the files of one identity per device, the lock, the install journal
                 (``<sota>/.lmp-autoreg``)
 - ``attempt``   ``Attempt``: the life of one attempt (lock, identity, journal, install)

@@ -13,8 +13,11 @@ chosen the uuid. Here it:
   ``PRODUCTION`` in its environment: a tool built with ``-DPRODUCTION`` defaults to
   production, so ``--production 0`` and no ``PRODUCTION`` are both needed for a
   development device. ``-A`` carries the same restorable apps the native request does.
-  The tool takes the token and the PINs on its command line and nowhere else, so they
-  are there; they are never logged: the command is shown with them redacted, and they
+  Registering by hand (``settings.oauth``, docs/spec.md section 9), there is no ``-T``:
+  the agent has run the OAuth flow, and the tool takes the access token from its own
+  flow against ``OAUTH_BASE``, which points at the agent's loopback hand-off (``handoff``).
+  Otherwise the tool takes an API token and the PINs on its command line and nowhere
+  else, so they are there; they are never logged: the command is shown with them redacted, and they
   are cut out of whatever the tool prints before it is shown;
 - classifies a failure by the tool's stderr (it exits 255 for every failure), as docs/spec.md
   section 5's table: unreachable or unhealthy endpoint, ``HTTP_5xx``/``HTTP_429``,
@@ -68,6 +71,7 @@ LOG = logging.getLogger(__name__)
 TOOL = "lmp-device-register"
 DEFAULT_PATH = "/usr/bin/lmp-device-register"
 REDACTED = "<redacted>"
+HANDOFF_SHOWN = "<the agent's loopback hand-off of the OAuth access token>"
 NO_TOKEN = "na"  # what the shell script passes in production mode; "" would start OAuth
 # Options whose value is a secret.
 SECRET_OPTIONS = ("-T", "--hsm-pin", "--hsm-so-pin")
@@ -116,7 +120,10 @@ def command(settings: Settings, binary: str, uuid: str) -> list[str]:
         "--start-daemon", "0",
         # Always: a tool built with -DPRODUCTION defaults to production.
         "--production", "1" if settings.production else "0",
-        "-T", settings.token if settings.token is not None else NO_TOKEN,
+    ]  # fmt: skip
+    if not settings.oauth:  # without -T the tool takes its token from $OAUTH_BASE
+        argv += ["-T", settings.token if settings.token is not None else NO_TOKEN]
+    argv += [
         "-n", settings.name or uuid,
         "-u", uuid,
         "-t", settings.tag,
@@ -146,13 +153,19 @@ def redact(argv: list[str]) -> list[str]:
     return shown
 
 
-def environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
-    """The tool's environment: ours, with DEVICE_API, and PRODUCTION only in production mode
-    (the tool takes PRODUCTION set to anything as production)."""
+def environment(
+    settings: Settings, environ: Mapping[str, str], oauth_base: str | None = None
+) -> dict[str, str]:
+    """The tool's environment: ours, with DEVICE_API, PRODUCTION only in production mode
+    (the tool takes PRODUCTION set to anything as production), and, when the token comes
+    from the OAuth device flow, OAUTH_BASE pointing at the agent's hand-off
+    (``handoff.TokenHandOff``), so the token is never on the tool's command line."""
     add = {"DEVICE_API": settings.device_api}
+    if oauth_base is not None:
+        add["OAUTH_BASE"] = oauth_base
     if settings.production:
         add["PRODUCTION"] = "1"
-    return child_environ(environ, drop=("PRODUCTION", "NOTIFY_SOCKET"), add=add)
+    return child_environ(environ, drop=("PRODUCTION", "NOTIFY_SOCKET", "OAUTH_BASE"), add=add)
 
 
 def _secrets(settings: Settings) -> list[str]:
@@ -266,7 +279,8 @@ def _undo(sota: Path, before: dict[str, tuple[bytes, int]]) -> None:
 
 
 def attempt(
-    settings: Settings, binary: str, uuid: str, *, timeout: float, environ: Mapping[str, str]
+    settings: Settings, binary: str, uuid: str, *, timeout: float, environ: Mapping[str, str],
+    oauth_base: str | None = None,
 ) -> list[str]:
     """Run the tool once and check what it installed; return the names it wrote.
 
@@ -286,7 +300,8 @@ def attempt(
         try:
             # umask 077: the key the tool writes is never readable by others, not even for
             # a moment; the public files are opened up to 0644 below.
-            done = run(argv, timeout=timeout, env=environment(settings, environ), umask=0o077)
+            done = run(argv, timeout=timeout, env=environment(settings, environ, oauth_base),
+                       umask=0o077)
         except TimeoutError as e:
             raise NoAnswer(f"{TOOL} did not finish within {timeout:.1f} s") from e
         except OSError as e:
@@ -345,7 +360,7 @@ def dry_run_request(
     binary = find_binary(settings, os.environ if environ is None else environ)
     return {
         "command": redact(command(settings, binary, uuid)),
-        "environment": environment(settings, {}),
+        "environment": environment(settings, {}, HANDOFF_SHOWN if settings.oauth else None),
     }
 
 
@@ -355,6 +370,7 @@ def register(
     *,
     deadline: Deadline,
     environ: Mapping[str, str] | None = None,
+    oauth_base: str | None = None,
 ) -> "Result":
     """The backend's part of ``register.register``: run the tool until it succeeds or the
     deadline passes (retrying what ``classify`` calls ``NoAnswer``), then fill ``result``
@@ -370,7 +386,8 @@ def register(
     what = f"running {TOOL} for {uuid} with factory {settings.factory}"
     LOG.info("%s", what)
     written = retry(
-        lambda budget: attempt(settings, binary, uuid, timeout=budget, environ=environ),
+        lambda budget: attempt(settings, binary, uuid, timeout=budget, environ=environ,
+                               oauth_base=oauth_base),
         deadline,
         what=what,
     )

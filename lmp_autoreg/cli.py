@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all apps; \"\" turns restorable apps off)")
     device.add_argument("--device-group", metavar="GROUP", help="device group (DEVICE_GROUP)")
     device.add_argument("--token-file", metavar="PATH", help="API token file (TOKEN_FILE)")
+    device.add_argument("--oauth", action="store_true",
+                        help="no API token: register by hand, a person approving the device "
+                        "in a browser (OAuth device authorization; automatic on a terminal)")
+    device.add_argument("--oauth-url", metavar="URL",
+                        help="OAuth endpoints (OAUTH_BASE; https://app.foundries.io/oauth)")
     device.add_argument("--api-token-header", metavar="NAME", help="token header (OSF-TOKEN)")
     device.add_argument("--sota-dir", metavar="DIR", help="sota dir on the device (/var/sota)")
     device.add_argument("--hsm-module", metavar="PATH", help="PKCS#11 module")
@@ -210,7 +215,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     from .register import register
     from .settings import resolve
 
-    settings = resolve(cli, os.environ)
+    # A person at a terminal can approve an OAuth device authorization (docs/spec.md
+    # section 9); under the unit stdin is /dev/null, and nobody is there to.
+    settings = resolve(cli, os.environ, terminal=sys.stdin.isatty() and sys.stderr.isatty())
     result = register(settings, dry_run=args.dry_run, force=args.force)
     output.show_register(result, settings.paths.sota, as_json=args.json)
     logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",

@@ -140,6 +140,13 @@ def _dry_run(settings: Settings, result: Result, *, force: bool) -> Result:
     note_uuid(result, settings, uuid)
     preflight.warn(token_file=settings.token_place, production=settings.production)
     result.result = "dry-run"
+    if settings.oauth:  # no flow starts: a person would be asked for nothing
+        from . import oauth
+
+        result.oauth = oauth.state(settings, "would-start")
+        LOG.info("would start an OAuth device authorization at %s (no API token)",
+                 settings.oauth_url)
+        settings = settings._replace(token="", token_header=oauth.HEADER)
     if settings.backend == "lmp-device-register":
         from . import backend_ldr
 
@@ -165,6 +172,12 @@ def _register_native(attempt: Attempt, deadline: Deadline, *, force: bool) -> No
     assert attempt.key is not None
     LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
     preflight.warn(token_file=settings.token_place, production=settings.production)
+    if settings.oauth:
+        from . import oauth
+
+        grant = oauth.obtain_token(settings, uuid, attempt.result, deadline)
+        deadline = grant.deadline
+        settings = settings._replace(token=oauth.bearer(grant.token), token_header=oauth.HEADER)
     csr = identity.make_csr(attempt.key, uuid, settings.factory, settings.production)
     body = client.request_body(settings, uuid=uuid, csr=csr)
     testhook.pause("before-request")  # TEST-ONLY: returns at once on a device
@@ -214,9 +227,23 @@ def _register_with_tool(attempt: Attempt, deadline: Deadline, *, force: bool) ->
     from . import backend_ldr
 
     settings = attempt.settings
-    attempt.take_identity(key=False)
+    uuid = attempt.take_identity(key=False)
     preflight.warn(token_file=settings.token_place, production=settings.production)
-    if force:  # the tool refuses to overwrite a registration: the old one waits aside
+    if not settings.oauth:
+        if force:  # the tool refuses to overwrite a registration: the old one waits aside
+            attempt.set_aside()
+        backend_ldr.register(settings, attempt.result, deadline=deadline)
+        attempt.finish()
+        return
+    from . import oauth
+    from .handoff import TokenHandOff
+
+    # The agent runs the flow (all of RFC 8628, one deadline) and hands the tool the token
+    # over loopback: the tool takes a token on its command line or from $OAUTH_BASE only.
+    grant = oauth.obtain_token(settings, uuid, attempt.result, deadline)
+    if force:
         attempt.set_aside()
-    backend_ldr.register(settings, attempt.result, deadline=deadline)
+    with TokenHandOff(grant.token, uuid) as handoff:
+        backend_ldr.register(settings, attempt.result, deadline=grant.deadline,
+                             oauth_base=handoff.url)
     attempt.finish()

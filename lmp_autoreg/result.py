@@ -34,6 +34,7 @@ class Result:
     fioconfig: str | None = None
     services: dict[str, str] | None = None
     request: dict[str, Any] | None = None  # dry-run only
+    oauth: dict[str, Any] | None = None  # only when the OAuth device flow ran (or would)
 
     def __init__(self, **fields: Any) -> None:
         for name, value in fields.items():
@@ -43,10 +44,13 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in Result.__annotations__}
-        if data["request"] is None:
-            del data["request"]
+        for optional in OPTIONAL:
+            if data[optional] is None:
+                del data[optional]
         return data
 
 
-# The keys of every JSON result but a dry run's (which adds "request").
-KEYS = tuple(name for name in Result.__annotations__ if name != "request")
+# Keys only some results have: a dry run's "request", the OAuth device flow's "oauth".
+OPTIONAL = ("request", "oauth")
+# The keys of every JSON result.
+KEYS = tuple(name for name in Result.__annotations__ if name not in OPTIONAL)

@@ -12,12 +12,13 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit
 
 from . import BACKENDS, FIOCONFIG_MODES
 from .errors import ConfigError
 from .guard import locate, read_env_file
-from .paths import DEFAULTS_FILE, HSM_CONFIG, OS_RELEASE, SOTA_TAG, DevicePaths
-from .preflight import check_token_transport
+from .paths import DEFAULTS_FILE, HSM_CONFIG, OS_RELEASE, SOTA_TAG, TOKEN_FILE, DevicePaths
+from .preflight import check_token_transport, is_loopback
 
 DEFAULT_DEVICE_API = "https://api.foundries.io/ota/devices/"
 DEFAULT_TOKEN_HEADER = "OSF-TOKEN"
@@ -25,6 +26,7 @@ DEFAULT_START = ("aktualizr-lite", "fioconfig")
 # lmp-device-register's -A default: restorable apps on, for every app (docs/spec.md section 2).
 ALL_RESTORABLE = " "
 DEFAULT_TIMEOUT = 300.0
+DEFAULT_OAUTH_URL = "https://app.foundries.io/oauth"  # what lmp-device-register defaults to
 T = TypeVar("T")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -82,6 +84,10 @@ class Settings(NamedTuple):
     timeout: float = DEFAULT_TIMEOUT
     cacert: str | None = None
     allow_insecure_token: bool = False
+    # No token, not production: register by hand through the OAuth device flow (oauth.py).
+    oauth: bool = False
+    oauth_url: str = DEFAULT_OAUTH_URL
+    timeout_given: bool = False  # --timeout or REGISTRATION_TIMEOUT set, not the default
 
     def __repr__(self) -> str:
         return redacted_repr(self, ("token",))
@@ -187,11 +193,15 @@ class _Problems:
                               + "; ".join(str(e) for e in self.found))
 
 
-def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+def resolve(
+    cli: Mapping[str, Any], environ: Mapping[str, str], *, terminal: bool = False
+) -> Settings:
     """Resolve every setting of docs/spec.md section 3 for a ``register`` run.
 
     ``cli`` maps argparse destinations (``factory``, ``token_file``, ...) to values, None
-    meaning "not given"; ``environ`` is the process environment. Every setting that is
+    meaning "not given"; ``environ`` is the process environment. ``terminal``: a person
+    may be at stdin and stderr, so a development device without a token registers by hand
+    through OAuth (docs/spec.md section 9), as it does with ``--oauth``. Every setting that is
     missing or invalid is named in one ``ConfigError`` (after the sysroot and the sota dir,
     which the others are read under: those fail alone).
     """
@@ -225,11 +235,21 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
 
     device_group, _, _ = src.first("--device-group", "DEVICE_GROUP")
     no_token: tuple[str | None, str | None] = (None, None)
-    token, token_place = check(lambda: _token(cli, src, paths, production), no_token)
+    by_hand = bool(cli.get("oauth"))
+    if by_hand:
+        check(lambda: _oauth_alone(cli, production), None)
+        token, token_place = no_token
+    else:
+        token, token_place = check(
+            lambda: _token(cli, src, paths, production, by_hand=terminal), no_token)
+    oauth = not production and token is None and (by_hand or terminal)
+    allow_insecure = bool(cli.get("allow_insecure_token"))
     if device_api is not None:
-        check(lambda: check_token_transport(device_api, has_token=token is not None,
-                                            allow_insecure=bool(cli.get("allow_insecure_token"))),
+        check(lambda: check_token_transport(device_api, has_token=token is not None or oauth,
+                                            allow_insecure=allow_insecure),
               None)
+    oauth_url = check(lambda: _oauth_url(src, oauth=oauth, allow_insecure=allow_insecure),
+                      DEFAULT_OAUTH_URL)
     token_header, _, _ = src.first("--api-token-header", "TOKEN_HEADER")
     backend = check(lambda: _backend(src, paths), "native")
     fioconfig = check(lambda: _fioconfig(src), "auto")
@@ -263,7 +283,10 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         poweroff=_poweroff(cli, src),
         timeout=timeout,
         cacert=cacert,
-        allow_insecure_token=bool(cli.get("allow_insecure_token")),
+        allow_insecure_token=allow_insecure,
+        oauth=oauth,
+        oauth_url=oauth_url,
+        timeout_given=src.first("--timeout", "REGISTRATION_TIMEOUT")[0] is not None,
     )
 
 
@@ -343,7 +366,8 @@ def _name(cli: Mapping[str, Any], src: _Sources, paths: DevicePaths) -> str | No
 
 
 def _token(
-    cli: Mapping[str, Any], src: _Sources, paths: DevicePaths, production: bool
+    cli: Mapping[str, Any], src: _Sources, paths: DevicePaths, production: bool, *,
+    by_hand: bool = False,
 ) -> tuple[str | None, str | None]:
     explicit, place, looked = src.first("--token-file", "TOKEN_FILE")
     if explicit is not None:
@@ -355,13 +379,41 @@ def _token(
     token = _first_line(paths.token_file)
     if token is not None:
         return token, str(paths.token_file)
-    if production:
+    if production or by_hand:
         return None, None
     looked.append(str(paths.token_file))
     raise ConfigError(
         f"API token is not set: looked in {', '.join(looked)} "
-        "(only production registrations go without one)"
+        "(only production registrations go without one): put the factory's token in "
+        f"{TOKEN_FILE} (or pass --token-file), or register by hand with "
+        "--oauth (a person approves the device in a browser)"
     )
+
+
+def _oauth_alone(cli: Mapping[str, Any], production: bool) -> None:
+    """``--oauth`` is the token's way in: not with a token file, nor in production."""
+    if production:
+        raise ConfigError("--oauth registers a development device by hand: a production "
+                          "registration goes without a token and without OAuth")
+    if cli.get("token_file"):
+        raise ConfigError("--oauth and --token-file are two ways to authorize the "
+                          "registration: give one")
+
+
+def _oauth_url(src: _Sources, *, oauth: bool, allow_insecure: bool) -> str:
+    """The OAuth endpoints' base URL (``OAUTH_BASE``, as lmp-device-register reads it)."""
+    url, place, _ = src.first("--oauth-url", "OAUTH_BASE")
+    url = url or DEFAULT_OAUTH_URL
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise _invalid("OAuth URL", place, f"{url!r} is not an http(s) URL")
+    parts = urlsplit(url)
+    if oauth and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        if not allow_insecure:
+            raise ConfigError(
+                f"refusing to run the OAuth device flow over plain http to {parts.hostname} "
+                "(its device code and access token would travel in clear): use https, or "
+                "--allow-insecure-token")
+    return url.rstrip("/")
 
 
 def _hsm(cli: Mapping[str, Any], paths: DevicePaths) -> Hsm | None:

@@ -35,6 +35,7 @@ AGENT_ENV = (
     "FIOCONFIG",
     "FIOCONFIG_BIN", "START_SERVICES", "POWEROFF", "REGISTRATION_TIMEOUT", "CACERT",
     "TOKEN_HEADER", "NOTIFY_SOCKET", "JOURNAL_STREAM", "LMP_AUTOREG_TEST_SYSTEMD_RUNTIME_DIR",
+    "OAUTH_BASE",
 )
 # Files of the machine running the tests that an agent on the live root (no --sysroot) reads.
 LIVE_ROOT_FILES = ("/etc/default/lmp-device-auto-register", "/etc/sota/hsm")

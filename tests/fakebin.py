@@ -13,7 +13,10 @@ from ``<name>.json`` next to it, so a test can change it between runs:
 fails ``start`` of a unit that does not exist; ``systemd-run`` runs its command in PID 1's
 environment plus the ``EnvironmentFile=`` it is given, and returns its exit status.
 
-``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): it parses
+``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): without
+``-T`` it runs the tool's OAuth device flow against ``$OAUTH_BASE`` and records what
+``/proc/self/cmdline`` and ``/proc/self/environ`` show of it (as ``lmp-device-register/proc``
+calls) first; it parses
 its options with the real defaults (``-A`` one space; ``--production`` off, or on with the
 ``production_build`` knob, a tool built with ``-DPRODUCTION``; ``PRODUCTION`` in the
 environment means production whatever the option), refuses a sota dir holding ``sql.db``
@@ -184,6 +187,53 @@ if any(os.path.exists(os.path.join(sota, f)) for f in ("sql.db", "client.pem")):
 headers = {"Content-type": "application/json"}
 if opts.get("-T"):
     headers[opts["-H"]] = opts["-T"]
+else:
+    # As the real tool without -T (src/auth.cpp): its own OAuth device flow at $OAUTH_BASE,
+    # polling while the answer is 400 authorization_pending; then a bearer token.
+    import base64, urllib.parse
+    with open("/proc/self/cmdline", "rb") as f:  # what any process on the device can read
+        cmdline = f.read().decode(errors="replace").rstrip("\0").split("\0")
+    with open("/proc/self/environ", "rb") as f:
+        environ = dict(e.partition("=")[::2] for e in f.read().decode(errors="replace")
+                       .split("\0") if e)
+    with open(os.path.join(HERE, "calls.jsonl"), "a") as log:
+        log.write(json.dumps({"name": NAME + "/proc", "argv": cmdline, "env": environ,
+                              "umask": UMASK}) + "\n")
+    print("Foundries providing auth token ")
+    base = os.environ.get("OAUTH_BASE", "https://app.foundries.io/oauth")
+    def form_post(path, fields):
+        request = urllib.request.Request(base + path, method="POST",
+                                         data=urllib.parse.urlencode(fields).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, {}
+    scope = opts["-f"] + ":devices:create"
+    status, auth = form_post("/authorization/device/", {"client_id": uuid, "scope": scope})
+    if status != 200:
+        fail("Unable to create device authorization request: HTTP_%d" % status)
+    print("Visit the link below in your browser to authorize this new device.")
+    print("  User code: %s\n  Browser URL: %s" % (auth["user_code"], auth["verification_uri"]))
+    while True:
+        status, answer = form_post("/token/", {
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": auth["device_code"], "client_id": uuid, "scope": scope})
+        if status == 200:
+            token = answer["access_token"]
+            break
+        if status != 400:
+            print("HTTP(%d) error..." % status)
+            time.sleep(2)
+        elif answer.get("error") == "authorization_pending":
+            time.sleep(int(auth["interval"]))
+        else:
+            fail("Error authorizing device: HTTP_%d\nerror: %s" % (status, answer.get("error")))
+    headers["Authorization"] = "Bearer " + base64.b64encode(token.encode()).decode()
 url = os.environ.get("DEVICE_API", "https://api.foundries.io/ota/devices/")
 print("Using DEVICE_API: %s" % url)
 try:

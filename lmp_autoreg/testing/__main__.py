@@ -6,6 +6,12 @@ SIGINT or SIGTERM, and prints two lines a script can read, each flushed at once:
     url: http://127.0.0.1:8080/sign
     ca: /path/to/state/factory_ca.pem
 
+With ``--oauth`` it also serves the OAuth device authorization endpoints under ``/oauth``
+(docs/testing.md): it prints ``oauth: URL`` (the agent's ``--oauth-url``, or
+lmp-device-register's ``OAUTH_BASE``), then a line for each code a device asks for,
+``user code: CODE (approve: POST URL/activate with user_code=CODE)``, and a person approves
+it with, for one, ``curl -d user_code=CODE URL/activate``.
+
 With ``--state-dir`` the factory CA (root and intermediate, keys 0600) is kept in that
 directory, so a board registered against one run still trusts the next. Each request is
 logged on stderr.
@@ -42,6 +48,16 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     token = _read_token(args.token_file) if args.token_file else args.token
+    oauth = None
+    if args.oauth:
+        from lmp_autoreg.testing.oauth import DeviceCode, OAuthAuthority
+
+        def announce(code: DeviceCode, activate: str) -> None:
+            print(f"user code: {code.user_code} (device {code.client_id}; approve: POST "
+                  f"{activate} with user_code={code.user_code})", flush=True)
+
+        oauth = OAuthAuthority(factory=args.factory, interval=args.oauth_interval,
+                               on_code=announce)
     with tempfile.TemporaryDirectory(prefix="lmp-autoreg-serve-") as scratch:
         server = RegistrationServer(
             tls=args.tls,
@@ -52,6 +68,7 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             state_dir=Path(args.state_dir) if args.state_dir else Path(scratch) / "ca",
             tls_names=args.tls_name,
+            oauth=oauth,
         )
         try:
             server.start()
@@ -62,6 +79,8 @@ def serve(args: argparse.Namespace) -> int:
         try:
             print(f"url: {server.url}", flush=True)
             print(f"ca: {server.ca_file}", flush=True)
+            if oauth is not None:
+                print(f"oauth: {server.url[:-len(server.path)]}/oauth", flush=True)
             stop.wait()
             LOG.info("stopping")
         finally:
@@ -100,6 +119,15 @@ def parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument(
         "--state-dir", help="keep the CA here across runs (default: a temporary directory)"
+    )
+    cmd.add_argument(
+        "--oauth", action="store_true",
+        help="also serve OAuth device authorization under /oauth; print each user code, "
+        "approved by POST /oauth/activate with user_code=CODE",
+    )
+    cmd.add_argument(
+        "--oauth-interval", type=float, default=5, metavar="SECONDS",
+        help="the polling interval the OAuth endpoints ask for (default 5)",
     )
     cmd.set_defaults(func=serve)
     return top

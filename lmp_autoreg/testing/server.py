@@ -44,6 +44,8 @@ from cryptography.x509.oid import NameOID
 
 from lmp_autoreg.testing._realdisk import real_disk
 from lmp_autoreg.testing.ca import ROOT_CERT, ThrowawayCA, subject_value
+from lmp_autoreg.testing.oauth import PREFIX as OAUTH_PREFIX
+from lmp_autoreg.testing.oauth import OAuthAuthority
 
 LOG = logging.getLogger(__name__)
 
@@ -389,8 +391,12 @@ class RegistrationServer:
         path: str = "/sign",
         state_dir: str | Path | None = None,
         tls_names: Iterable[str] = (),
+        oauth: OAuthAuthority | None = None,
     ) -> None:
         self.tls = tls
+        #: The OAuth device authorization endpoints under /oauth (testing/oauth.py); with
+        #: them, a registration needs the token or a bearer token they issued.
+        self.oauth = oauth
         self.factory = factory
         self.token = token
         self.token_header = token_header
@@ -607,6 +613,13 @@ class RegistrationServer:
         with self._lock:
             self._requests.append(record)
             self._arrived.notify_all()
+        if self.oauth is not None and record.path.startswith(OAUTH_PREFIX + "/"):
+            status, payload = self.oauth.answer(record.method, record.path, record.headers,
+                                                record.body)
+            LOG.info("%s %s -> %d", record.method, record.path.split("?", 1)[0], status)
+            handler.send_bytes(status, payload, "application/json", {})
+            return
+        with self._lock:
             reply = None if record.method == "HEAD" else self._next_reply()
         if reply is None:
             status = self.head_status if self._on_path(record) else 404
@@ -653,8 +666,10 @@ class RegistrationServer:
             raise _Refusal(404, "Not Found")
         if record.method != "POST":
             raise _Refusal(405, "Method Not Allowed")
-        if self.token is not None and record.headers.get(self.token_header) != self.token:
-            raise _Refusal(401, f"Missing or invalid {self.token_header} header")
+        if not self._authorized(record.headers):
+            raise _Refusal(401, f"Missing or invalid {self.token_header} header"
+                           if self.oauth is None else "Missing or invalid credentials: "
+                           f"{self.token_header} or Authorization: Bearer")
         if self.check_content_type and not _is_json_type(record.headers.get("Content-Type")):
             raise _Refusal(415, "Unsupported Media Type: the request is not application/json")
         data = self._body(record)
@@ -692,6 +707,15 @@ class RegistrationServer:
             "client.chained": client_pem + "\n" + self.ca.intermediate_pem,
         }
         return reply.files(files) if reply.files is not None else files
+
+    def _authorized(self, headers: Headers) -> bool:
+        """The token, when there is one; with OAuth, a bearer token it issued (any other
+        bearer is refused), or the token."""
+        if self.oauth is not None and headers.get("Authorization") is not None:
+            return self.oauth.accepts(headers.get("Authorization"))
+        if self.token is not None:
+            return headers.get(self.token_header) == self.token
+        return self.oauth is None
 
     @staticmethod
     def _body(record: RecordedRequest) -> dict[str, Any]:
