@@ -13,6 +13,10 @@ from ``<name>.json`` next to it, so a test can change it between runs:
 fails ``start`` of a unit that does not exist; ``systemd-run`` runs its command in PID 1's
 environment plus the ``EnvironmentFile=`` it is given, and returns its exit status.
 
+``fioconfig`` imitates the real ``fioconfig check-in`` against the test kit's device gateway
+(see ``_FIOCONFIG``): it decrypts with the device's key, needs its secrets dir, writes the
+files 0640, runs handlers; ``exit``/``stderr``/``sleep`` replace that with a scripted run.
+
 ``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): it parses
 its options with the real defaults (``-A`` one space; ``--production`` off, or on with the
 ``production_build`` knob, a tool built with ``-DPRODUCTION``; ``PRODUCTION`` in the
@@ -80,6 +84,12 @@ if args and args[0] == "show":
         if name in props:
             print("%s=%s" % (name, props[name]))
     sys.exit(0)
+if args and args[0] == "stop":  # a transient unit of the fake systemd-run: end its command
+    pidfile = os.path.join(HERE, "units", unit.removesuffix(".service") + ".pid")
+    if os.path.exists(pidfile):
+        import signal
+        os.kill(int(open(pidfile).read()), signal.SIGTERM)
+        os.unlink(pidfile)
 if args and args[0] == "start" and not loaded:
     sys.stderr.write("Failed to start %s.service: Unit %s.service not found.\n" % (unit, unit))
     sys.exit(5)
@@ -99,6 +109,8 @@ _SYSTEMD_RUN = r"""
 # with --no-block the transient unit is queued and systemd-run returns 0 at once, whatever
 # the command later does (here it runs before the return, its status ignored). Knob:
 # "when" (the --unit= name -> behaviour, e.g. {"exit": 1, "stderr": ...}): refuse to queue.
+# As with the real one, killing it does not end the unit: its command runs on (its pid is
+# in units/<unit>.pid until it ends) until "systemctl stop <unit>".
 import subprocess
 args, env, unit = sys.argv[1:], {"PATH": os.environ.get("PATH", os.defpath)}, ""
 options = []
@@ -118,8 +130,15 @@ rule = CONF.get("when", {}).get(unit)
 if rule:
     sys.stderr.write(rule.get("stderr", ""))
     sys.exit(rule.get("exit", 1))
-done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL)
-sys.exit(0 if "--no-block" in options else done.returncode)
+child = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+pidfile = os.path.join(HERE, "units", (unit or "run-u1") + ".pid")
+os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+with open(pidfile, "w") as f:
+    f.write(str(child.pid))
+code = child.wait()
+if os.path.exists(pidfile):
+    os.unlink(pidfile)
+sys.exit(0 if "--no-block" in options else code)
 """
 
 _LMP_DEVICE_REGISTER = r"""
@@ -263,6 +282,197 @@ print("Device is now registered.")
 """
 
 
+_FIOCONFIG = r"""
+# As the real fioconfig (foundriesio/fioconfig 638424812372, what meta-lmp builds) does
+# "check-in": read sota.toml from its config search path, GET <tls.server>/config over
+# mTLS with the device's certificate (CONFIG_URL overrides the URL), If-Modified-Since
+# from config.encrypted's mtime; on 200 decrypt each value (ECIES with the device's file
+# key), refuse when the secrets dir is missing, write the files 0640 into it, run the
+# on-change handler of each changed file (123 from one: exit 123 at once), store the raw
+# answer in <storage>/config.encrypted with the answer's Date; 204 and 304 exit 0; a
+# network error or 5xx is retried after 1, 2, 5, 13, 30 s, then exit 1; any other status
+# is exit 1 at once. Not imitated: the PATCH of a "vpn" build (it needs wireguard's "wg",
+# which devices without a VPN lack: then the real one sends none either) and PKCS#11 keys
+# (the real one does the TLS and the ECDH on the token; this one exits 1 saying so).
+# Knobs: "exit"/"stdout"/"stderr"/"sleep" replace all this with that behaviour;
+# "retry_delays" (seconds) and "handlers_dir" stand in for the real schedule and
+# /usr/share/fioconfig/handlers/.
+if any(k in CONF for k in ("exit", "stdout", "stderr", "sleep")):
+    time.sleep(CONF.get("sleep", 0))
+    sys.stdout.write(CONF.get("stdout", ""))
+    sys.stderr.write(CONF.get("stderr", ""))
+    sys.exit(CONF.get("exit", 0))
+import base64, email.utils, http.client, ssl, subprocess, tomllib, urllib.parse
+from cryptography.hazmat.primitives import serialization
+from lmp_autoreg.testing import ecies
+
+def log(level, msg):
+    sys.stderr.write("%s %s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), level, msg))
+
+def fatal(msg):
+    log("ERROR", msg)
+    sys.exit(1)
+
+args = sys.argv[1:]
+configs, secrets = [], os.environ.get("SECRETS_DIR", "/var/run/secrets")
+unsafe = os.environ.get("UNSAFE_CALLBACKS", "") in ("1", "true")
+while args and args[0].startswith("-"):
+    flag = args.pop(0)
+    if flag in ("--config", "-c"):
+        configs.append(args.pop(0))
+    elif flag in ("--secrets-dir", "-s"):
+        secrets = args.pop(0)
+    elif flag == "--unsafe-handlers":
+        unsafe = True
+    else:
+        fatal("flag provided but not defined: " + flag)
+if args != ["check-in"]:
+    fatal("the stand-in knows only check-in, not %s" % args)
+if not configs:
+    configs = (os.environ["SOTA_DIR"].split(",") if os.environ.get("SOTA_DIR") else
+               ["/usr/lib/sota/conf.d", "/var/sota/sota.toml", "/etc/sota/conf.d/"])
+found = {}
+for path in configs:
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            if name.endswith(".toml"):
+                found[name] = os.path.join(path, name)
+    elif os.path.exists(path):
+        found[os.path.basename(path)] = path
+trees = []
+for name in sorted(found, reverse=True):  # the most significant first
+    try:
+        trees.append(tomllib.load(open(found[name], "rb")))
+    except tomllib.TOMLDecodeError as e:
+        fatal("unable to parse sota.toml: failed to load %s; err: %s" % (found[name], e))
+
+def get(key, default=""):
+    section, _, name = key.partition(".")
+    for tree in trees:
+        value = tree.get(section, {}).get(name, "")
+        if isinstance(value, str) and value:
+            return value
+    return default
+
+if get("tls.ca_source") != "file":
+    fatal("Unable to create TLS config error=\"invalid tls.ca_source: %s\"" % get("tls.ca_source"))
+if get("tls.pkey_source") == "pkcs11":
+    fatal("stand-in fioconfig: PKCS#11 keys are not imitated")
+if get("tls.pkey_source") != "file":
+    fatal("Unable to create TLS config error=\"invalid tls.pkey_source: %s\""
+          % get("tls.pkey_source"))
+storage = get("storage.path")
+if not storage:
+    fatal("Missing required config key: storage.path")
+context = ssl.create_default_context(cafile=get("import.tls_cacert_path"))
+context.load_cert_chain(get("import.tls_clientcert_path"), get("import.tls_pkey_path"))
+with open(get("import.tls_pkey_path"), "rb") as f:
+    key = serialization.load_pem_private_key(f.read(), None)
+url = (os.environ.get("CONFIG_URL")
+       or get("tls.server", "https://ota-lite.foundries.io:8443") + "/config")
+encrypted = os.path.join(storage, "config.encrypted")
+headers, prev = {"User-Agent": "fioconfig-client/3", "Content-Type": "application/json"}, None
+try:
+    prev = json.load(open(encrypted, "rb"))
+    stamp = time.gmtime(os.stat(encrypted).st_mtime)
+    headers["If-Modified-Since"] = time.strftime("%a, %d %b %Y %H:%M:%S UTC", stamp)
+except (OSError, ValueError):
+    pass
+log("INFO", "Checking in with server ...")
+parts = urllib.parse.urlsplit(url)
+status, body, date, error = 0, b"", None, None
+for delay in [0, *CONF.get("retry_delays", [1, 2, 5, 13, 30])]:
+    if delay:
+        log("WARN", "HTTP request failed, retrying url=%s delay=%s status=%d error=\"%s\""
+            % (url, delay, status, error))
+        time.sleep(delay)
+    try:
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=30,
+                                           context=context)
+        conn.request("GET", parts.path or "/", headers=headers)
+        response = conn.getresponse()
+        status, body, error = response.status, response.read(), None
+        date = response.getheader("Date")
+        conn.close()
+    except (OSError, http.client.HTTPException) as e:
+        status, error = 0, "Unable to GET: %s - %s" % (url, e)
+    if error is None and status < 500:
+        break
+if error is not None:
+    fatal(error)
+if status in (204, 304):
+    log("INFO", "Device has no config defined on server" if status == 204 else
+        "Config on server has not changed")
+    sys.exit(0)
+if status != 200:
+    fatal("Unable to get %s - HTTP_%d: %s" % (url, status, body.decode(errors="replace")))
+try:
+    config = json.loads(body)
+except ValueError as e:
+    fatal("Unable to parse encrypted json: %s" % e)
+for name, item in config.items():
+    if not item.get("Unencrypted"):
+        try:
+            item["Value"] = ecies.decrypt(key, base64.b64decode(item["Value"])).decode()
+        except (ValueError, ecies.DecryptionError) as e:
+            fatal("%s: Unable to ECIES decrypt %s" % (name, e))
+try:
+    mode = os.stat(secrets).st_mode & 0o7777
+except OSError as e:
+    fatal("stat %s: %s" % (secrets, e.strerror.lower()))
+handlers = CONF.get("handlers_dir", "/usr/share/fioconfig/handlers/")
+
+def safe_write(path, data):
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.rename(tmp, path)
+
+def on_changed(name, path, argv):
+    if not argv:
+        return
+    if not (unsafe or os.path.normpath(argv[0]).startswith(handlers)):
+        log("WARN", "Skipping unsafe on-change command file=%s" % name)
+        return
+    env = dict(os.environ, CONFIG_FILE=path, STORAGE_DIR=storage, SOTA_DIR=",".join(configs),
+               FIOCONFIG_BIN=os.path.abspath(sys.argv[0]))
+    done = subprocess.run(argv, env=env)
+    if done.returncode:
+        log("ERROR", "Unable to run command command=%s error=\"exit status %d\""
+            % (argv, done.returncode))
+        if done.returncode == 123:
+            sys.exit(123)
+
+for name, item in config.items():
+    log("INFO", "Extracting file file=%s" % name)
+    path = os.path.join(secrets, name)
+    os.makedirs(os.path.dirname(path), mode, exist_ok=True)
+    data = item["Value"].encode()
+    try:
+        changed = open(path, "rb").read() != data
+    except OSError:
+        changed = True
+    if changed:
+        safe_write(path, data)
+        on_changed(name, path, item.get("OnChanged") or [])
+for name, item in (prev or {}).items():
+    if name not in config:
+        path = os.path.join(secrets, name)
+        if os.path.exists(path):
+            os.unlink(path)
+        on_changed(name, path, item.get("OnChanged") or [])
+safe_write(encrypted, body)
+try:
+    stamp = email.utils.parsedate_to_datetime(date).timestamp()
+except (TypeError, ValueError):
+    stamp = time.time()
+os.utime(encrypted, (stamp, stamp))
+"""
+
+
 @dataclass
 class Call:
     name: str
@@ -282,7 +492,7 @@ class FakeBin:
     def add(self, name: str, **behaviour: Any) -> Path:
         """Create the fake ``name`` (lmp-device-register gets the imitation of the tool)."""
         body = {"lmp-device-register": _LMP_DEVICE_REGISTER, "systemctl": _SYSTEMCTL,
-                "systemd-run": _SYSTEMD_RUN}.get(name, _SIMPLE)
+                "systemd-run": _SYSTEMD_RUN, "fioconfig": _FIOCONFIG}.get(name, _SIMPLE)
         path = self.dir / name
         path.write_text(f"#!{sys.executable}\n{_RECORD}{body}")
         path.chmod(0o755)

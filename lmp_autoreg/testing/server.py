@@ -36,7 +36,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,6 +44,9 @@ from cryptography.x509.oid import NameOID
 
 from lmp_autoreg.testing._realdisk import real_disk
 from lmp_autoreg.testing.ca import ROOT_CERT, ThrowawayCA, subject_value
+
+if TYPE_CHECKING:
+    from lmp_autoreg.testing.gateway import DeviceGateway
 
 LOG = logging.getLogger(__name__)
 
@@ -201,6 +204,7 @@ def sota_toml(
     hardware_id: str,
     overrides: Mapping[str, Mapping[str, str]] | None = None,
     sota_dir: str = "/var/sota",
+    gateway: str = GATEWAY_SERVER,
 ) -> str:
     """The ``sota.toml`` the reference server writes for a device.
 
@@ -208,10 +212,11 @@ def sota_toml(
     ``storage`` and ``import``, in that order) takes the request's overrides: a value is a
     TOML literal pasted in as it is, a key the section lacks is appended to it, a section
     the base lacks is appended to the file. An empty value means "not set" and becomes a
-    comment, so the file is valid TOML whatever the overrides.
+    comment, so the file is valid TOML whatever the overrides. ``gateway`` is the device
+    gateway's URL (``tls.server``).
     """
     q = toml_string
-    gateway, ostree = GATEWAY_SERVER, OSTREE_SERVER
+    ostree = OSTREE_SERVER
     sections: dict[str, dict[str, str]] = {
         "tls": {
             "server": q(gateway),
@@ -389,6 +394,7 @@ class RegistrationServer:
         path: str = "/sign",
         state_dir: str | Path | None = None,
         tls_names: Iterable[str] = (),
+        gateway: bool = False,
     ) -> None:
         self.tls = tls
         self.factory = factory
@@ -442,6 +448,13 @@ class RegistrationServer:
                     handle.write(key_pem)
                 self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 self._ssl.load_cert_chain(cert_file, key_file)
+        #: With ``gateway=True``: the device gateway (``lmp_autoreg.testing.gateway``) that
+        #: the ``sota.toml`` it sends names in ``tls.server``, with the same CA and life.
+        self.gateway: DeviceGateway | None = None
+        if gateway:
+            from lmp_autoreg.testing.gateway import DeviceGateway
+
+            self.gateway = DeviceGateway(self.ca, host=host, tls_names=tls_names)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -451,6 +464,8 @@ class RegistrationServer:
         if self._started:
             raise RuntimeError("a RegistrationServer can be started only once")
         self._started = True
+        if self.gateway is not None:
+            self.gateway.start()
         httpd = _HTTPServer((self.host, self._port), self)
         try:
             httpd.server_bind()
@@ -517,6 +532,8 @@ class RegistrationServer:
         handlers = list(httpd.handler_threads) if httpd is not None else []
         for thread in [*self._threads, *handlers]:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self.gateway is not None:
+            self.gateway.stop()
         with real_disk():
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -687,7 +704,12 @@ class RegistrationServer:
             client_pem = self.ca.cert_for_key_with_other_cn(public, str(uuidlib.uuid4()))
         files = {
             "root.crt": self.ca.cert_pem,
-            "sota.toml": sota_toml(str(hardware_id), overrides, str(sota_dir)),
+            "sota.toml": sota_toml(
+                str(hardware_id),
+                overrides,
+                str(sota_dir),
+                self.gateway.url if self.gateway is not None else GATEWAY_SERVER,
+            ),
             "client.pem": client_pem,
             "client.chained": client_pem + "\n" + self.ca.intermediate_pem,
         }
