@@ -8,7 +8,10 @@ SIGINT or SIGTERM, and prints two lines a script can read, each flushed at once:
 
 With ``--state-dir`` the factory CA (root and intermediate, keys 0600) is kept in that
 directory, so a board registered against one run still trusts the next. Each request is
-logged on stderr.
+logged on stderr. With ``--gateway`` it also serves a device gateway (``GET``/``PATCH
+/config`` for fioconfig, requiring the devices' client certificates), named in the
+``sota.toml`` of every registration, and prints a third line, ``gateway: URL``;
+``--config-dir DIR`` gives every device the files of DIR (encrypted to its key).
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ LOG = logging.getLogger(__name__)
 def _read_token(path: str) -> str:
     with open(path, encoding="utf-8") as handle:
         return handle.readline().strip()
+
+
+def _config_files(directory: Path) -> dict[str, str]:
+    """The files of ``directory`` (and below it) by relative name."""
+    return {
+        str(path.relative_to(directory)): path.read_text(encoding="utf-8")
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -52,6 +64,8 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             state_dir=Path(args.state_dir) if args.state_dir else Path(scratch) / "ca",
             tls_names=args.tls_name,
+            gateway=args.gateway,
+            gateway_port=args.gateway_port,
         )
         try:
             server.start()
@@ -62,6 +76,10 @@ def serve(args: argparse.Namespace) -> int:
         try:
             print(f"url: {server.url}", flush=True)
             print(f"ca: {server.ca_file}", flush=True)
+            if server.gateway is not None:
+                if args.config_dir:
+                    server.gateway.set_config(None, _config_files(Path(args.config_dir)))
+                print(f"gateway: {server.gateway.url}", flush=True)
             stop.wait()
             LOG.info("stopping")
         finally:
@@ -100,6 +118,20 @@ def parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument(
         "--state-dir", help="keep the CA here across runs (default: a temporary directory)"
+    )
+    cmd.add_argument(
+        "--gateway",
+        action="store_true",
+        help="also serve a device gateway (/config for fioconfig) on another port, named "
+        "in the sota.toml of each registration",
+    )
+    cmd.add_argument(
+        "--gateway-port", type=int, default=0, help="the gateway's port (default: any)"
+    )
+    cmd.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="with --gateway: the configuration files every device gets (encrypted)",
     )
     cmd.set_defaults(func=serve)
     return top

@@ -395,6 +395,7 @@ class RegistrationServer:
         state_dir: str | Path | None = None,
         tls_names: Iterable[str] = (),
         gateway: bool = False,
+        gateway_port: int = 0,
     ) -> None:
         self.tls = tls
         self.factory = factory
@@ -454,7 +455,9 @@ class RegistrationServer:
         if gateway:
             from lmp_autoreg.testing.gateway import DeviceGateway
 
-            self.gateway = DeviceGateway(self.ca, host=host, tls_names=tls_names)
+            self.gateway = DeviceGateway(
+                self.ca, host=host, port=gateway_port, tls_names=tls_names
+            )
 
     # -- life cycle -------------------------------------------------------------------
 
