@@ -136,9 +136,12 @@ class DeviceGateway:
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        hosts = ["127.0.0.1", "localhost", "::1", *tls_names]
+        names = list(tls_names)
+        hosts = ["127.0.0.1", "localhost", "::1", *names]
         if host not in ("0.0.0.0", "::"):
             hosts.insert(0, host)
+        #: The host ``url`` names: ``host``, or for a wildcard the first of ``tls_names``.
+        self.public_host = host if host not in ("0.0.0.0", "::") else (names or [host])[0]
         cert_pem, key_pem = ca.server_cert(hosts)
         with real_disk():
             self._tmpdir = Path(tempfile.mkdtemp(prefix="lmp-autoreg-gateway-"))
@@ -215,7 +218,7 @@ class DeviceGateway:
     @property
     def url(self) -> str:
         """The gateway's base URL, as ``tls.server`` in ``sota.toml`` names it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
         return f"https://{host}:{self.port}"
 
     def set_config(
