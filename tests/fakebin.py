@@ -13,9 +13,10 @@ from ``<name>.json`` next to it, so a test can change it between runs:
 fails ``start`` of a unit that does not exist; ``systemd-run`` runs its command in PID 1's
 environment plus the ``EnvironmentFile=`` it is given, and returns its exit status.
 
-``fioconfig`` imitates the real ``fioconfig check-in`` against the test kit's device gateway
-(see ``_FIOCONFIG``): it decrypts with the device's key, needs its secrets dir, writes the
-files 0640, runs handlers; ``exit``/``stderr``/``sleep`` replace that with a scripted run.
+``fioconfig`` is the kit's stand-in (``lmp_autoreg.testing.fioconfig``), which checks in
+with the kit's device gateway as the real one does: it decrypts with the device's key,
+needs its secrets dir, writes the files 0640, runs handlers; ``exit``/``stderr``/``sleep``
+replace that with a scripted run.
 
 ``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): it parses
 its options with the real defaults (``-A`` one space; ``--production`` off, or on with the
@@ -283,193 +284,18 @@ print("Device is now registered.")
 
 
 _FIOCONFIG = r"""
-# As the real fioconfig (foundriesio/fioconfig 638424812372, what meta-lmp builds) does
-# "check-in": read sota.toml from its config search path, GET <tls.server>/config over
-# mTLS with the device's certificate (CONFIG_URL overrides the URL), If-Modified-Since
-# from config.encrypted's mtime; on 200 decrypt each value (ECIES with the device's file
-# key), refuse when the secrets dir is missing, write the files 0640 into it, run the
-# on-change handler of each changed file (123 from one: exit 123 at once), store the raw
-# answer in <storage>/config.encrypted with the answer's Date; 204 and 304 exit 0; a
-# network error or 5xx is retried after 1, 2, 5, 13, 30 s, then exit 1; any other status
-# is exit 1 at once. Not imitated: the PATCH of a "vpn" build (it needs wireguard's "wg",
-# which devices without a VPN lack: then the real one sends none either) and PKCS#11 keys
-# (the real one does the TLS and the ECDH on the token; this one exits 1 saying so).
-# Knobs: "exit"/"stdout"/"stderr"/"sleep" replace all this with that behaviour;
-# "retry_delays" (seconds) and "handlers_dir" stand in for the real schedule and
-# /usr/share/fioconfig/handlers/.
+# The kit's stand-in for the real "fioconfig check-in" (lmp_autoreg.testing.fioconfig: it
+# talks to the kit's device gateway as the real one does). Knobs: "exit"/"stdout"/
+# "stderr"/"sleep" replace it with that behaviour; "retry_delays" (seconds) and
+# "handlers_dir" stand in for the real schedule and /usr/share/fioconfig/handlers/.
 if any(k in CONF for k in ("exit", "stdout", "stderr", "sleep")):
     time.sleep(CONF.get("sleep", 0))
     sys.stdout.write(CONF.get("stdout", ""))
     sys.stderr.write(CONF.get("stderr", ""))
     sys.exit(CONF.get("exit", 0))
-import base64, email.utils, http.client, ssl, subprocess, tomllib, urllib.parse
-from cryptography.hazmat.primitives import serialization
-from lmp_autoreg.testing import ecies
-
-def log(level, msg):
-    sys.stderr.write("%s %s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), level, msg))
-
-def fatal(msg):
-    log("ERROR", msg)
-    sys.exit(1)
-
-args = sys.argv[1:]
-configs, secrets = [], os.environ.get("SECRETS_DIR", "/var/run/secrets")
-unsafe = os.environ.get("UNSAFE_CALLBACKS", "") in ("1", "true")
-while args and args[0].startswith("-"):
-    flag = args.pop(0)
-    if flag in ("--config", "-c"):
-        configs.append(args.pop(0))
-    elif flag in ("--secrets-dir", "-s"):
-        secrets = args.pop(0)
-    elif flag == "--unsafe-handlers":
-        unsafe = True
-    else:
-        fatal("flag provided but not defined: " + flag)
-if args != ["check-in"]:
-    fatal("the stand-in knows only check-in, not %s" % args)
-if not configs:
-    configs = (os.environ["SOTA_DIR"].split(",") if os.environ.get("SOTA_DIR") else
-               ["/usr/lib/sota/conf.d", "/var/sota/sota.toml", "/etc/sota/conf.d/"])
-found = {}
-for path in configs:
-    if os.path.isdir(path):
-        for name in os.listdir(path):
-            if name.endswith(".toml"):
-                found[name] = os.path.join(path, name)
-    elif os.path.exists(path):
-        found[os.path.basename(path)] = path
-trees = []
-for name in sorted(found, reverse=True):  # the most significant first
-    try:
-        trees.append(tomllib.load(open(found[name], "rb")))
-    except tomllib.TOMLDecodeError as e:
-        fatal("unable to parse sota.toml: failed to load %s; err: %s" % (found[name], e))
-
-def get(key, default=""):
-    section, _, name = key.partition(".")
-    for tree in trees:
-        value = tree.get(section, {}).get(name, "")
-        if isinstance(value, str) and value:
-            return value
-    return default
-
-if get("tls.ca_source") != "file":
-    fatal("Unable to create TLS config error=\"invalid tls.ca_source: %s\"" % get("tls.ca_source"))
-if get("tls.pkey_source") == "pkcs11":
-    fatal("stand-in fioconfig: PKCS#11 keys are not imitated")
-if get("tls.pkey_source") != "file":
-    fatal("Unable to create TLS config error=\"invalid tls.pkey_source: %s\""
-          % get("tls.pkey_source"))
-storage = get("storage.path")
-if not storage:
-    fatal("Missing required config key: storage.path")
-context = ssl.create_default_context(cafile=get("import.tls_cacert_path"))
-context.load_cert_chain(get("import.tls_clientcert_path"), get("import.tls_pkey_path"))
-with open(get("import.tls_pkey_path"), "rb") as f:
-    key = serialization.load_pem_private_key(f.read(), None)
-url = (os.environ.get("CONFIG_URL")
-       or get("tls.server", "https://ota-lite.foundries.io:8443") + "/config")
-encrypted = os.path.join(storage, "config.encrypted")
-headers, prev = {"User-Agent": "fioconfig-client/3", "Content-Type": "application/json"}, None
-try:
-    prev = json.load(open(encrypted, "rb"))
-    stamp = time.gmtime(os.stat(encrypted).st_mtime)
-    headers["If-Modified-Since"] = time.strftime("%a, %d %b %Y %H:%M:%S UTC", stamp)
-except (OSError, ValueError):
-    pass
-log("INFO", "Checking in with server ...")
-parts = urllib.parse.urlsplit(url)
-status, body, date, error = 0, b"", None, None
-for delay in [0, *CONF.get("retry_delays", [1, 2, 5, 13, 30])]:
-    if delay:
-        log("WARN", "HTTP request failed, retrying url=%s delay=%s status=%d error=\"%s\""
-            % (url, delay, status, error))
-        time.sleep(delay)
-    try:
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=30,
-                                           context=context)
-        conn.request("GET", parts.path or "/", headers=headers)
-        response = conn.getresponse()
-        status, body, error = response.status, response.read(), None
-        date = response.getheader("Date")
-        conn.close()
-    except (OSError, http.client.HTTPException) as e:
-        status, error = 0, "Unable to GET: %s - %s" % (url, e)
-    if error is None and status < 500:
-        break
-if error is not None:
-    fatal(error)
-if status in (204, 304):
-    log("INFO", "Device has no config defined on server" if status == 204 else
-        "Config on server has not changed")
-    sys.exit(0)
-if status != 200:
-    fatal("Unable to get %s - HTTP_%d: %s" % (url, status, body.decode(errors="replace")))
-try:
-    config = json.loads(body)
-except ValueError as e:
-    fatal("Unable to parse encrypted json: %s" % e)
-for name, item in config.items():
-    if not item.get("Unencrypted"):
-        try:
-            item["Value"] = ecies.decrypt(key, base64.b64decode(item["Value"])).decode()
-        except (ValueError, ecies.DecryptionError) as e:
-            fatal("%s: Unable to ECIES decrypt %s" % (name, e))
-try:
-    mode = os.stat(secrets).st_mode & 0o7777
-except OSError as e:
-    fatal("stat %s: %s" % (secrets, e.strerror.lower()))
-handlers = CONF.get("handlers_dir", "/usr/share/fioconfig/handlers/")
-
-def safe_write(path, data):
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.rename(tmp, path)
-
-def on_changed(name, path, argv):
-    if not argv:
-        return
-    if not (unsafe or os.path.normpath(argv[0]).startswith(handlers)):
-        log("WARN", "Skipping unsafe on-change command file=%s" % name)
-        return
-    env = dict(os.environ, CONFIG_FILE=path, STORAGE_DIR=storage, SOTA_DIR=",".join(configs),
-               FIOCONFIG_BIN=os.path.abspath(sys.argv[0]))
-    done = subprocess.run(argv, env=env)
-    if done.returncode:
-        log("ERROR", "Unable to run command command=%s error=\"exit status %d\""
-            % (argv, done.returncode))
-        if done.returncode == 123:
-            sys.exit(123)
-
-for name, item in config.items():
-    log("INFO", "Extracting file file=%s" % name)
-    path = os.path.join(secrets, name)
-    os.makedirs(os.path.dirname(path), mode, exist_ok=True)
-    data = item["Value"].encode()
-    try:
-        changed = open(path, "rb").read() != data
-    except OSError:
-        changed = True
-    if changed:
-        safe_write(path, data)
-        on_changed(name, path, item.get("OnChanged") or [])
-for name, item in (prev or {}).items():
-    if name not in config:
-        path = os.path.join(secrets, name)
-        if os.path.exists(path):
-            os.unlink(path)
-        on_changed(name, path, item.get("OnChanged") or [])
-safe_write(encrypted, body)
-try:
-    stamp = email.utils.parsedate_to_datetime(date).timestamp()
-except (TypeError, ValueError):
-    stamp = time.time()
-os.utime(encrypted, (stamp, stamp))
+from lmp_autoreg.testing import fioconfig
+knobs = {k: CONF[k] for k in ("retry_delays", "handlers_dir") if k in CONF}
+sys.exit(fioconfig.main(sys.argv[1:], **knobs))
 """
 
 

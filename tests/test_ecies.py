@@ -3,7 +3,7 @@
 The known answers were made with the real go-ecies v0.3.0 (the version fioconfig
 638424812372 builds with), run by hand: a fixed device key, fixed ephemeral key and IV
 bytes fed as its random stream, and the ciphertext it printed. Ciphertexts of this module
-were in turn decrypted by the same Go code (see the report of issue 18).
+were in turn decrypted by the same Go code.
 """
 
 import base64

@@ -160,7 +160,7 @@ def test_registration_names_the_gateway_in_sota_toml(tmp_path):
     import tomllib
     import urllib.request
 
-    with RegistrationServer(gateway=True) as server:
+    with RegistrationServer(gateway=DeviceGateway) as server:
         key = ec.generate_private_key(ec.SECP256R1())
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes

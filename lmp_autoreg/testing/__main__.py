@@ -44,6 +44,7 @@ def _config_files(directory: Path) -> dict[str, str]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from lmp_autoreg.testing.gateway import DeviceGateway
     from lmp_autoreg.testing.server import RegistrationServer
 
     stop = threading.Event()
@@ -64,7 +65,7 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             state_dir=Path(args.state_dir) if args.state_dir else Path(scratch) / "ca",
             tls_names=args.tls_name,
-            gateway=args.gateway,
+            gateway=DeviceGateway if args.gateway else None,
             gateway_port=args.gateway_port,
         )
         try:
@@ -76,7 +77,7 @@ def serve(args: argparse.Namespace) -> int:
         try:
             print(f"url: {server.url}", flush=True)
             print(f"ca: {server.ca_file}", flush=True)
-            if server.gateway is not None:
+            if isinstance(server.gateway, DeviceGateway):
                 if args.config_dir:
                     server.gateway.set_config(None, _config_files(Path(args.config_dir)))
                 print(f"gateway: {server.gateway.url}", flush=True)

@@ -43,9 +43,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lmp_autoreg.testing import ecies
 from lmp_autoreg.testing._realdisk import real_disk
 from lmp_autoreg.testing.ca import ThrowawayCA, subject_value
+from lmp_autoreg.testing.ecies import encrypt
 from lmp_autoreg.testing.server import (
     Headers,
     RecordedRequest,
@@ -85,7 +85,7 @@ def config_answer(
     answer: dict[str, dict[str, object]] = {}
     for name, file in files.items():
         raw = file.value.encode("utf-8")
-        value = raw if file.unencrypted else base64.b64encode(ecies.encrypt(public_key, raw))
+        value = raw if file.unencrypted else base64.b64encode(encrypt(public_key, raw))
         answer[name] = {
             "Value": value.decode("utf-8"),
             "OnChanged": list(file.on_changed),

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 
 def _serve(tls: bool) -> Iterator[RegistrationServer]:
+    from lmp_autoreg.testing.gateway import DeviceGateway
     from lmp_autoreg.testing.server import RegistrationServer
 
-    with RegistrationServer(tls=tls, gateway=True) as server:
+    with RegistrationServer(tls=tls, gateway=DeviceGateway) as server:
         yield server
 
 

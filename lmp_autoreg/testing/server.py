@@ -36,7 +36,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,9 +44,6 @@ from cryptography.x509.oid import NameOID
 
 from lmp_autoreg.testing._realdisk import real_disk
 from lmp_autoreg.testing.ca import ROOT_CERT, ThrowawayCA, subject_value
-
-if TYPE_CHECKING:
-    from lmp_autoreg.testing.gateway import DeviceGateway
 
 LOG = logging.getLogger(__name__)
 
@@ -60,6 +57,17 @@ _JOIN_TIMEOUT = 5.0
 _HANDLER_SOCKET_TIMEOUT = 10.0
 
 FilesEdit = Callable[[dict[str, str]], dict[str, str]]
+
+
+class Gateway(Protocol):
+    """What the server needs of a device gateway (``lmp_autoreg.testing.gateway``)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
 
 
 class Headers(Mapping[str, str]):
@@ -394,7 +402,7 @@ class RegistrationServer:
         path: str = "/sign",
         state_dir: str | Path | None = None,
         tls_names: Iterable[str] = (),
-        gateway: bool = False,
+        gateway: Callable[..., Gateway] | None = None,
         gateway_port: int = 0,
     ) -> None:
         self.tls = tls
@@ -449,15 +457,12 @@ class RegistrationServer:
                     handle.write(key_pem)
                 self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 self._ssl.load_cert_chain(cert_file, key_file)
-        #: With ``gateway=True``: the device gateway (``lmp_autoreg.testing.gateway``) that
-        #: the ``sota.toml`` it sends names in ``tls.server``, with the same CA and life.
-        self.gateway: DeviceGateway | None = None
-        if gateway:
-            from lmp_autoreg.testing.gateway import DeviceGateway
-
-            self.gateway = DeviceGateway(
-                self.ca, host=host, port=gateway_port, tls_names=tls_names
-            )
+        #: With ``gateway=DeviceGateway`` (``lmp_autoreg.testing.gateway``): the device
+        #: gateway that the ``sota.toml`` it sends names in ``tls.server``, made with the
+        #: same CA, host and names, started and stopped with the server.
+        self.gateway: Gateway | None = None
+        if gateway is not None:
+            self.gateway = gateway(self.ca, host=host, port=gateway_port, tls_names=tls_names)
 
     # -- life cycle -------------------------------------------------------------------
 
