@@ -15,6 +15,10 @@ from cryptography.x509.oid import NameOID
 from evidence import AGENT, SERVER, Boot, about_unit, message, of_unit, seconds
 
 SIGN_URL = "http://127.0.0.1:8000/sign"
+GATEWAY_URL = "https://127.0.0.1:8443"
+# What the kit's device gateway gives every device (boot-test-server.service).
+CONFIG_NAME = "boot-test-config"
+CONFIG_TEXT = "delivered encrypted by the kit's device gateway\n"
 # A development image: the recipe installs this (throwaway) API token as the token file.
 BASE_VARIABLES = {"LMP_AUTOREG_DEVICE_API": SIGN_URL, "LMP_DEVICE_REGISTER_TOKEN": "boot-test"}
 SECURITY_MAX = 2.5
@@ -310,8 +314,41 @@ def check_fioconfig(boots: list[Boot], v: Verdict) -> None:
     seen = json.loads(record.read_text())
     v.expect("SOTA_DIR" not in seen["environ"], f"fioconfig saw SOTA_DIR={seen['sota_dir']}")
     v.expect(seen["secrets_dir_found"], f"fioconfig found no {seen['secrets_dir']}")
-    v.expect(boot.file("/run/secrets/boot-test-config").exists(),
-             "what fioconfig wrote is not in /run/secrets after the unit")
+    arrived = boot.file(f"/run/secrets/{CONFIG_NAME}")
+    v.expect(arrived.exists() and arrived.read_text() == CONFIG_TEXT,
+             "the gateway's configuration is not in /run/secrets, decrypted, after the unit")
+    served = [message(e) for e in of_unit(this_boot(boot), SERVER)
+              if "gateway: GET /config from" in message(e)]
+    v.expect(any(m.endswith("-> 200") for m in served),
+             f"the kit's gateway served no configuration: {served}")
+
+
+def config_dir(tree: Path) -> None:
+    """The kit's gateway gets a configuration for every device (without it: 204)."""
+    config = tree / "etc/boot-test/config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / CONFIG_NAME).write_text(CONFIG_TEXT)
+
+
+def no_gateway(tree: Path) -> None:
+    """fioconfig's own /etc/default/fioconfig sends it to a port where nothing listens."""
+    (tree / "etc/default").mkdir(parents=True, exist_ok=True)
+    (tree / "etc/default/fioconfig").write_text("CONFIG_URL=https://127.0.0.1:9/config\n")
+
+
+def check_no_gateway(boots: list[Boot], v: Verdict) -> None:
+    (boot,) = boots
+    if not collected(boot, v):
+        return
+    expect_unit(v, boot, "active", "exited", 0)
+    registered(v, boot)
+    said = [message(e) for e in of_unit(this_boot(boot), AGENT)]
+    v.expect(any("is unreachable" in m for m in said),
+             "the agent did not say the device gateway is unreachable")
+    v.expect(not boot.file("/run/boot-test/fioconfig-check-in.json").exists(),
+             "fioconfig ran (and would retry for a minute) though no gateway answers")
+    v.expect(boot.unit("aktualizr-lite.service").get("ActiveState") == "active",
+             "aktualizr-lite was held back")
 
 
 def devprobe(tree: Path) -> None:
@@ -393,9 +430,12 @@ SCENARIOS = [
     Scenario(8, "no boot deadlock", [BootSpec(settle(
         active=["aktualizr-lite.service", "multi-user.target"], deadline=90))],
         check_no_deadlock, setup=boot_check),
-    Scenario(9, "fioconfig check-in from the unit", [BootSpec(settle())], check_fioconfig),
+    Scenario(9, "fioconfig check-in from the unit", [BootSpec(settle())], check_fioconfig,
+             setup=config_dir),
     Scenario(10, "the sandbox", [BootSpec(settle("boot-test-devprobe.service"), bpf=True)],
              check_sandbox, setup=devprobe),
     Scenario(11, "no tmpfiles entry", [BootSpec({"failed": [AGENT], "deadline": 60})],
              check_no_tmpfiles, setup=no_tmpfiles),
+    Scenario(12, "no device gateway answers", [BootSpec(settle(
+        active=["aktualizr-lite.service"]))], check_no_gateway, setup=no_gateway),
 ]

@@ -1,8 +1,11 @@
 """``demo``: a whole registration of a simulated device, with nothing but this machine.
 
-Starts the test kit's HTTPS registration server (a throwaway CA) on 127.0.0.1, lays out a
-simulated device in a temporary directory, registers it in production mode through the
-same code path a device uses, and shows the result.
+Starts the test kit's HTTPS registration server (a throwaway CA) and its device gateway on
+127.0.0.1, lays out a simulated device in a temporary directory, registers it in
+production mode through the same code path a device uses, checks in with the gateway as
+``fioconfig check-in`` would (the kit's stand-in: the demo has no fioconfig binary), and
+shows the result and the configuration files that arrived, decrypted with the device's
+key.
 """
 
 import logging
@@ -16,6 +19,12 @@ from .settings import resolve
 
 LOG = logging.getLogger(__name__)
 DEMO_FACTORY = "demo-factory"
+# What the demo's device gateway gives every device: (content, sent in clear).
+DEMO_CONFIG = {
+    "wifi.conf": ("ssid=factory-floor\npsk=not-a-real-secret\n", False),
+    "motd": ("Configured by the lmp-autoreg demo's device gateway.\n", True),
+}
+SECRETS_DIR = "var/run/secrets"
 
 
 def check_keep(keep: str) -> Path:
@@ -33,6 +42,8 @@ def check_keep(keep: str) -> Path:
 
 def run_demo(*, keep: str | None, as_json: bool) -> int:
     from .testing.device import FakeDevice
+    from .testing.fioconfig import CheckIn, Config, Fatal
+    from .testing.gateway import ConfigFile, DeviceGateway
     from .testing.server import RegistrationServer
 
     kept = check_keep(keep) if keep else None
@@ -44,7 +55,7 @@ def run_demo(*, keep: str | None, as_json: bool) -> int:
         except OSError as e:  # e.g. a file where a parent directory of --keep should be
             raise ConfigError(f"--keep {keep}: cannot build the demo device there "
                               f"({e.strerror or e}); name a directory that can be written") from e
-        with RegistrationServer(tls=True, factory=DEMO_FACTORY) as server:
+        with RegistrationServer(tls=True, factory=DEMO_FACTORY, gateway=DeviceGateway) as server:
             settings = resolve(
                 {
                     "sysroot": str(root),
@@ -59,5 +70,19 @@ def run_demo(*, keep: str | None, as_json: bool) -> int:
             )
             LOG.info("demo server at %s, device root %s", server.url, root)
             result = register(settings)
-        show_demo(result, device.sota, kept=kept, as_json=as_json)
+            assert isinstance(server.gateway, DeviceGateway)
+            server.gateway.set_config(None, {name: ConfigFile(text, unencrypted=plain)
+                                             for name, (text, plain) in DEMO_CONFIG.items()})
+            secrets = root / SECRETS_DIR
+            secrets.mkdir(mode=0o750, parents=True, exist_ok=True)
+            try:
+                config = Config([str(device.sota / "sota.toml")], root=str(root))
+                arrived = CheckIn(config, str(secrets)).run()
+                result.fioconfig = "ok"
+            except (Fatal, OSError) as e:  # shown, not fatal: the registration stands
+                LOG.warning("the demo's check-in with its device gateway failed: %s", e)
+                arrived, result.fioconfig = {}, f"failed: {e}"
+        files = {name: f"{(secrets / name).stat().st_mode & 0o777:04o}" for name in arrived}
+        show_demo(result, device.sota, kept=kept, as_json=as_json,
+                  config=(secrets if kept else None, files))
     return 0

@@ -77,14 +77,23 @@ def show_status(status: dict[str, Any], *, as_json: bool) -> None:
                                   if status["pending"] else ""))
 
 
-def show_demo(result: Result, sota: Path, *, kept: Path | None, as_json: bool) -> None:
+def show_demo(
+    result: Result,
+    sota: Path,
+    *,
+    kept: Path | None,
+    as_json: bool,
+    config: tuple[Path | None, dict[str, str]] = (None, {}),
+) -> None:
     """The demo's registration, with the issuer of its certificate and where the device is
-    (``kept``: None when it is removed with the demo)."""
+    (``kept``: None when it is removed with the demo), and the configuration files its
+    check-in received (``config``: their directory, if kept, and name -> mode)."""
     assert result.certificate is not None
     summary: dict[str, Any] = {
         **success_json(result),
         "device_root": str(kept) if kept else None,
         "issuer": result.certificate["issuer"],
+        "config_files": config[1],
     }
     if as_json:
         emit_json(summary)
@@ -103,6 +112,10 @@ def show_demo(result: Result, sota: Path, *, kept: Path | None, as_json: bool) -
         else "  files (removed with the demo; --keep DIR keeps them):",
     ]
     lines += [f"    {mode}  {name}" for name, mode in (summary["files"] or {}).items()]
+    where = f" in {config[0]}" if config[0] else ""
+    lines.append(f"  check-in with the device gateway: {result.fioconfig}; "
+                 f"configuration files{where}:")
+    lines += [f"    {mode}  {name}" for name, mode in config[1].items()]
     if kept:
         lines.append(f"  kept the device in {kept}")
     print("\n".join(lines))

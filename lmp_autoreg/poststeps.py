@@ -6,7 +6,15 @@ would act on the machine running the agent, so there they are skipped with a not
 - ``fioconfig check-in`` (``--fioconfig``): ``auto`` runs it when the binary is found
   (``--fioconfig-bin``/``FIOCONFIG_BIN``, else ``PATH``) and only warns when it fails;
   ``on`` requires it (not found or failed: exit 7, and no service is started);
-  ``off`` skips it. Its secrets dir (``SECRETS_DIR``, default ``/var/run/secrets``) is
+  ``off`` skips it. The device gateway it would ask (``CONFIG_URL`` of its environment,
+  else ``tls.server`` of the sota.toml it reads, as fioconfig resolves them) is tried
+  first with one TCP connection of at most ``GATEWAY_PROBE_TIMEOUT`` seconds: fioconfig
+  retries an unreachable gateway for about 51 s (after 1, 2, 5, 13 and 30 s), and a fully
+  detached factory has none, so when nothing answers there the check-in is not run and is
+  "unreachable". The check-in itself is bounded by ``min(60 s, the time left before the
+  --timeout deadline)``; cut short, its transient unit is stopped (``systemctl stop``),
+  since a killed ``systemd-run --wait`` leaves the unit and fioconfig running. Its
+  secrets dir (``SECRETS_DIR``, default ``/var/run/secrets``) is
   created first, as fioconfig's own unit does. With systemd running, the check-in runs
   outside this unit's sandbox, as a transient unit of PID 1 (``systemd-run --wait``)
   with fioconfig's own ``EnvironmentFile=-/etc/default/fioconfig``: its handlers write
@@ -37,14 +45,17 @@ would act on the machine running the agent, so there they are skipped with a not
   shutdown stops this unit at once. A refused poweroff is then logged with
   ``LMP_EXIT_CODE=7`` and the agent exits 7.
 
-Every command is bounded by ``min(60 s, --timeout)``. The device stays registered
+Every other command is bounded by ``min(60 s, --timeout)``. The device stays registered
 whatever happens here. Nothing secret is passed to these commands.
 """
 
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import socket
+import tomllib
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -52,6 +63,7 @@ from . import testhook
 from .errors import PostStepFailed
 from .guard import read_env_file
 from .paths import DEFAULT_SOTA_DIR
+from .retry import Deadline
 from .settings import Settings
 from .util import child_environ, run
 
@@ -61,6 +73,10 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 60.0
+# At most this long is spent finding out whether the device gateway is there at all.
+GATEWAY_PROBE_TIMEOUT = 5.0
+# fioconfig's gateway when no sota.toml names one.
+DEFAULT_GATEWAY = "https://ota-lite.foundries.io:8443"
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
 # fioconfig's default config search path, with the sota.toml entry for our sota dir.
 _FIOCONFIG_CONFIG = ("/usr/lib/sota/conf.d", "{sota}/sota.toml", "/etc/sota/conf.d/")
@@ -87,18 +103,23 @@ def step_timeout(settings: Settings) -> float:
 
 
 def run_post_steps(
-    settings: Settings, result: "Result", environ: Mapping[str, str] | None = None
+    settings: Settings,
+    result: "Result",
+    environ: Mapping[str, str] | None = None,
+    deadline: Deadline | None = None,
 ) -> None:
     """Check in with fioconfig, start the services, then (``--poweroff``) power off;
     record each in ``result``.
 
-    ``result.fioconfig`` becomes "ok", "off", "failed: ..." or "skipped: ...";
+    ``result.fioconfig`` becomes "ok", "off", "unreachable", "failed: ..." or
+    "skipped: ..."; ``deadline`` (default: ``--timeout`` from now) bounds the check-in;
     ``result.services`` maps each service to "queued", "started", "failed: ..." or
     "skipped", and ``"poweroff"`` to "requested" or "skipped" with ``--poweroff``: it is
     requested only when everything before it succeeded, and asked for by ``power_off``
     once the result is out. Raises ``PostStepFailed`` (exit 7) when a required step failed.
     """
     environ = os.environ if environ is None else environ
+    deadline = deadline or Deadline(settings.timeout)
     paths = settings.paths
     if not paths.is_live:
         note = f"skipped: --sysroot {paths.sysroot} is not /"
@@ -109,7 +130,7 @@ def run_post_steps(
             result.services["poweroff"] = "skipped"
         return
     failures = []
-    checkin = fioconfig_checkin(settings, environ)
+    checkin = fioconfig_checkin(settings, environ, deadline)
     result.fioconfig = checkin
     if settings.fioconfig == "on" and checkin != "ok":
         failures.append(f"the required fioconfig check-in (--fioconfig on) did not succeed "
@@ -143,6 +164,72 @@ def fioconfig_binary(settings: Settings) -> str | None:
     return shutil.which("fioconfig")
 
 
+def fioconfig_config_path(settings: Settings, env: Mapping[str, str]) -> list[str]:
+    """fioconfig's config search path: ours for a sota dir other than ``/var/sota``, else
+    ``SOTA_DIR`` of its environment (a comma-separated list), else its default."""
+    sota = str(settings.paths.sota_device)
+    if PurePosixPath(sota) == DEFAULT_SOTA_DIR and env.get("SOTA_DIR"):
+        return env["SOTA_DIR"].split(",")
+    return [path.format(sota=sota) for path in _FIOCONFIG_CONFIG]
+
+
+def gateway_url(configs: Sequence[tuple[str, str]], config_url: str | None) -> str:
+    """The URL fioconfig checks in with: ``config_url`` (``CONFIG_URL``), else ``tls.server``
+    + ``/config`` from ``configs`` ((file name, TOML text) in search-path order), which
+    fioconfig ranks by file name, the last name alphabetically first, a later file of the
+    same name replacing an earlier one, and an unparsable file ignored here (fioconfig
+    refuses to run: it then fails on its own)."""
+    if config_url:
+        return config_url
+    by_name = dict(configs)
+    for name in sorted(by_name, reverse=True):
+        try:
+            server = tomllib.loads(by_name[name]).get("tls", {}).get("server")
+        except tomllib.TOMLDecodeError:
+            continue
+        if isinstance(server, str) and server:
+            return server + "/config"
+    return DEFAULT_GATEWAY + "/config"
+
+
+def gateway_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of ``url``, or None when it names no host."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+    except ValueError:
+        return None
+    return (parts.hostname, port) if parts.hostname else None
+
+
+def read_configs(settings: Settings, search_path: Sequence[str]) -> list[tuple[str, str]]:
+    """(file name, text) of each TOML file of fioconfig's search path, in its order."""
+    found: list[tuple[str, str]] = []
+    for entry in search_path:
+        path = settings.paths.host(entry)
+        try:
+            files = sorted(p for p in path.iterdir() if p.name.endswith(".toml")) \
+                if path.is_dir() else [path]
+            found += [(p.name, p.read_text(encoding="utf-8", errors="replace"))
+                      for p in files if p.is_file()]
+        except OSError as e:
+            LOG.debug("fioconfig config %s: %s", path, e)
+    return found
+
+
+def probe_gateway(url: str, timeout: float) -> str | None:
+    """None when a TCP connection to ``url``'s host and port opens within ``timeout``;
+    else why not."""
+    address = gateway_address(url)
+    if address is None:
+        return f"{url} names no host"
+    try:
+        with socket.create_connection(address, timeout=max(timeout, 0.1)):
+            return None
+    except OSError as e:
+        return f"{address[0]} port {address[1]}: {e.strerror or e}"
+
+
 def fioconfig_command(settings: Settings, binary: str) -> list[str]:
     argv = [binary]
     if PurePosixPath(settings.paths.sota_device) != DEFAULT_SOTA_DIR:
@@ -170,7 +257,9 @@ def checkin_outcome(returncode: int, output: str) -> str:
     return f"failed: exit status {returncode}: {line}"
 
 
-def fioconfig_checkin(settings: Settings, environ: Mapping[str, str]) -> str:
+def fioconfig_checkin(
+    settings: Settings, environ: Mapping[str, str], deadline: Deadline
+) -> str:
     """Run ``fioconfig check-in`` as ``--fioconfig`` says; return what happened."""
     if settings.fioconfig == "off":
         return "off"
@@ -181,29 +270,39 @@ def fioconfig_checkin(settings: Settings, environ: Mapping[str, str]) -> str:
         where = settings.fioconfig_bin or "PATH"
         complain("fioconfig check-in skipped: no fioconfig binary (looked in %s)", where)
         return f"skipped: fioconfig not found in {where}"
-    timeout = step_timeout(settings)
     argv = fioconfig_command(settings, binary)
     defaults = read_env_file(FIOCONFIG_DEFAULTS)
     env = child_environ(environ, drop=("NOTIFY_SOCKET",))
-    if systemd_running(environ):
+    through_pid1 = systemd_running(environ)
+    if through_pid1:
         # Outside our sandbox, in the environment fioconfig's own unit has (see above).
-        secrets = defaults.get("SECRETS_DIR") or DEFAULT_SECRETS_DIR
+        its_env: Mapping[str, str] = defaults
         argv = ["systemd-run", "--wait", "--pipe", "--collect", "--quiet",
                 f"--unit={CHECKIN_UNIT}", f"--property=EnvironmentFile=-{FIOCONFIG_DEFAULTS}",
                 *argv]
     else:
-        env = fioconfig_environment(environ, defaults)
-        secrets = env.get("SECRETS_DIR") or DEFAULT_SECRETS_DIR
+        env = its_env = fioconfig_environment(environ, defaults)
+    secrets = its_env.get("SECRETS_DIR") or DEFAULT_SECRETS_DIR
+    url = gateway_url(read_configs(settings, fioconfig_config_path(settings, its_env)),
+                      its_env.get("CONFIG_URL"))
+    why = probe_gateway(url, min(GATEWAY_PROBE_TIMEOUT, deadline.remaining()))
+    if why is not None:
+        complain("fioconfig check-in skipped: the device gateway %s is unreachable (%s)",
+                 url, why)
+        return "unreachable"
     try:
         os.makedirs(secrets, mode=0o750, exist_ok=True)
     except OSError as e:
         complain("cannot create fioconfig's secrets dir %s: %s", secrets, e.strerror or e)
         return f"failed: cannot create {secrets}"
-    LOG.info("checking in with fioconfig")
+    LOG.info("checking in with fioconfig at %s", url)
+    timeout = min(STEP_TIMEOUT, deadline.remaining())
     try:
         done = run(argv, timeout=timeout, env=env)
     except TimeoutError:
         complain("fioconfig check-in did not finish within %.0f s", timeout)
+        if through_pid1:  # the killed systemd-run leaves the unit, and fioconfig, running
+            _systemctl(["stop", CHECKIN_UNIT], STEP_TIMEOUT, env)
         return f"failed: timed out after {timeout:.0f} s"
     except OSError as e:
         complain("cannot run %s: %s", argv[0], e.strerror or e)

@@ -74,7 +74,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
         # After the lock: the check-in may take a while, and the device is registered.
         from .poststeps import run_post_steps
 
-        run_post_steps(settings, result)
+        run_post_steps(settings, result, deadline=deadline)
         return result
     except AutoregError as e:
         e.result = result

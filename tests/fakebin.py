@@ -13,6 +13,11 @@ from ``<name>.json`` next to it, so a test can change it between runs:
 fails ``start`` of a unit that does not exist; ``systemd-run`` runs its command in PID 1's
 environment plus the ``EnvironmentFile=`` it is given, and returns its exit status.
 
+``fioconfig`` is the kit's stand-in (``lmp_autoreg.testing.fioconfig``), which checks in
+with the kit's device gateway as the real one does: it decrypts with the device's key,
+needs its secrets dir, writes the files 0640, runs handlers; ``exit``/``stderr``/``sleep``
+replace that with a scripted run.
+
 ``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): without
 ``-T`` it runs the tool's OAuth device flow against ``$OAUTH_BASE`` and records what
 ``/proc/self/cmdline`` and ``/proc/self/environ`` show of it (as ``lmp-device-register/proc``
@@ -85,6 +90,12 @@ if args and args[0] == "show":
         if name in props:
             print("%s=%s" % (name, props[name]))
     sys.exit(0)
+if args and args[0] == "stop":  # a transient unit of the fake systemd-run: end its command
+    pidfile = os.path.join(HERE, "units", unit.removesuffix(".service") + ".pid")
+    if os.path.exists(pidfile):
+        import signal
+        os.kill(int(open(pidfile).read()), signal.SIGTERM)
+        os.unlink(pidfile)
 if args and args[0] == "start" and not loaded:
     sys.stderr.write("Failed to start %s.service: Unit %s.service not found.\n" % (unit, unit))
     sys.exit(5)
@@ -104,6 +115,8 @@ _SYSTEMD_RUN = r"""
 # with --no-block the transient unit is queued and systemd-run returns 0 at once, whatever
 # the command later does (here it runs before the return, its status ignored). Knob:
 # "when" (the --unit= name -> behaviour, e.g. {"exit": 1, "stderr": ...}): refuse to queue.
+# As with the real one, killing it does not end the unit: its command runs on (its pid is
+# in units/<unit>.pid until it ends) until "systemctl stop <unit>".
 import subprocess
 args, env, unit = sys.argv[1:], {"PATH": os.environ.get("PATH", os.defpath)}, ""
 options = []
@@ -123,8 +136,15 @@ rule = CONF.get("when", {}).get(unit)
 if rule:
     sys.stderr.write(rule.get("stderr", ""))
     sys.exit(rule.get("exit", 1))
-done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL)
-sys.exit(0 if "--no-block" in options else done.returncode)
+child = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+pidfile = os.path.join(HERE, "units", (unit or "run-u1") + ".pid")
+os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+with open(pidfile, "w") as f:
+    f.write(str(child.pid))
+code = child.wait()
+if os.path.exists(pidfile):
+    os.unlink(pidfile)
+sys.exit(0 if "--no-block" in options else code)
 """
 
 _LMP_DEVICE_REGISTER = r"""
@@ -324,6 +344,22 @@ print("Device is now registered.")
 """
 
 
+_FIOCONFIG = r"""
+# The kit's stand-in for the real "fioconfig check-in" (lmp_autoreg.testing.fioconfig: it
+# talks to the kit's device gateway as the real one does). Knobs: "exit"/"stdout"/
+# "stderr"/"sleep" replace it with that behaviour; "retry_delays" (seconds) and
+# "handlers_dir" stand in for the real schedule and /usr/share/fioconfig/handlers/.
+if any(k in CONF for k in ("exit", "stdout", "stderr", "sleep")):
+    time.sleep(CONF.get("sleep", 0))
+    sys.stdout.write(CONF.get("stdout", ""))
+    sys.stderr.write(CONF.get("stderr", ""))
+    sys.exit(CONF.get("exit", 0))
+from lmp_autoreg.testing import fioconfig
+knobs = {k: CONF[k] for k in ("retry_delays", "handlers_dir") if k in CONF}
+sys.exit(fioconfig.main(sys.argv[1:], **knobs))
+"""
+
+
 @dataclass
 class Call:
     name: str
@@ -343,7 +379,7 @@ class FakeBin:
     def add(self, name: str, **behaviour: Any) -> Path:
         """Create the fake ``name`` (lmp-device-register gets the imitation of the tool)."""
         body = {"lmp-device-register": _LMP_DEVICE_REGISTER, "systemctl": _SYSTEMCTL,
-                "systemd-run": _SYSTEMD_RUN}.get(name, _SIMPLE)
+                "systemd-run": _SYSTEMD_RUN, "fioconfig": _FIOCONFIG}.get(name, _SIMPLE)
         path = self.dir / name
         path.write_text(f"#!{sys.executable}\n{_RECORD}{body}")
         path.chmod(0o755)

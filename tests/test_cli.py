@@ -400,9 +400,17 @@ def test_demo_from_a_subprocess(tmp_path):
     assert out["files"]["pkey.pem"] == "0600"
     assert "businessCategory=production" in out["certificate"]["subject"]
     assert (tmp_path / "dev/var/sota/sota.toml").is_file()
+    # The configuration came through the kit's device gateway, decrypted with the key.
+    assert out["fioconfig"] == "ok"
+    assert out["config_files"] == {"wifi.conf": "0640", "motd": "0640"}
+    secrets = tmp_path / "dev/var/run/secrets"
+    assert (secrets / "wifi.conf").read_text().startswith("ssid=factory-floor\n")
+    assert (tmp_path / "dev/var/sota/config.encrypted").is_file()
     run = run_cli("demo")
     assert run.returncode == 0, run.stderr
     assert "uuid:" in run.stdout and "issuer:" in run.stdout and "0600  pkey.pem" in run.stdout
+    assert "check-in with the device gateway: ok" in run.stdout
+    assert "0640  wifi.conf" in run.stdout
 
 
 def test_demo_keep_refuses_a_used_directory_and_a_file(tmp_path):

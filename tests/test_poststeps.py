@@ -2,6 +2,8 @@
 fake fioconfig/systemctl executables on PATH that record how they were run."""
 
 import json
+import re
+import socket
 import subprocess
 import sys
 
@@ -11,10 +13,14 @@ from lmp_autoreg.poststeps import (
     checkin_outcome,
     fioconfig_command,
     fioconfig_environment,
+    gateway_url,
+    probe_gateway,
     systemd_running,
 )
 from lmp_autoreg.settings import resolve
 from lmp_autoreg.testhook import SYSTEMD_RUNTIME_DIR_ENV
+from lmp_autoreg.testing import RegistrationServer, Reply, ThrowawayCA
+from lmp_autoreg.testing.gateway import ConfigFile, DeviceGateway
 
 from conftest import device_args, live_device_args, run_cli
 from fakebin import FakeBin
@@ -135,13 +141,18 @@ def test_auto_failing_checkin_is_a_warning(live_root, device_root, registration_
 
 
 def test_checkin_timeout_is_bounded(live_root, device_root, registration_server, fakes, systemd):
-    fakes.set("fioconfig", sleep=30)
-    # The deadline bounds the check-in too; the registration before it must fit in it
-    # even on a loaded machine.
+    fakes.set("fioconfig", sleep=120)
+    # The deadline bounds the check-in too (what the registration left of it); the
+    # registration before it must fit in it even on a loaded machine.
     run = register(device_root, registration_server, fakes, systemd, "--timeout", "10",
                    "--no-start")
     assert run.returncode == 0, run.stderr
-    assert run.json["fioconfig"] == "failed: timed out after 10 s"
+    said = re.fullmatch(r"failed: timed out after (\d+) s", run.json["fioconfig"])
+    assert said and int(said.group(1)) <= 10
+    # The killed systemd-run left its unit running fioconfig: the agent stopped it.
+    assert commands(fakes)[-1] == ["systemctl", "stop", "lmp-autoreg-fioconfig-check-in"]
+    left = fakes.dir / "units" / "lmp-autoreg-fioconfig-check-in.pid"
+    assert not left.exists(), "the check-in's unit was left running"
 
 
 def test_on_failing_checkin_exits_7_and_starts_nothing(live_root, device_root,
@@ -333,3 +344,158 @@ def test_systemd_running_looks_at_run_systemd_system_by_default(fs):
     fs.remove("/run/systemd/system")
     fs.create_dir("/run/systemd/system")
     assert systemd_running({})
+
+
+# -- the check-in against the kit's device gateway (the stand-in fioconfig) -------------
+
+
+def checkin_env(no_systemd, tmp_path, **extra) -> dict[str, str]:
+    """An agent without systemd runs fioconfig as its child, with our SECRETS_DIR."""
+    return {**no_systemd, "SECRETS_DIR": str(tmp_path / "run" / "secrets"), **extra}
+
+
+def test_configuration_arrives_decrypted_into_a_new_secrets_dir(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    gateway = registration_server.gateway
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    seen = tmp_path / "handler-saw"
+    handler = handlers / "note"
+    handler.write_text(f'#!/bin/sh\ncat "$CONFIG_FILE" > {seen}\n')
+    handler.chmod(0o755)
+    fakes.set("fioconfig", handlers_dir=f"{handlers}/")
+    gateway.set_config(None, {"wifi.conf": "ssid=factory\n",
+                              "banner": ConfigFile("hello\n", unencrypted=True),
+                              "apps/key": ConfigFile("k\n", on_changed=(str(handler),))})
+    run = register(device_root, registration_server, fakes,
+                   checkin_env(no_systemd, tmp_path), "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "ok"
+    secrets = tmp_path / "run" / "secrets"
+    assert (secrets / "wifi.conf").read_text() == "ssid=factory\n"  # decrypted
+    assert (secrets / "banner").read_text() == "hello\n"
+    assert (secrets / "apps" / "key").read_text() == "k\n" and seen.read_text() == "k\n"
+    assert oct((secrets / "wifi.conf").stat().st_mode & 0o777) == oct(0o640)
+    assert (device_root.sota / "config.encrypted").is_file()
+    [get] = gateway.requests
+    assert get.device == run.json["uuid"] and get.request.path == "/config"
+
+
+def test_a_handler_failing_with_123_is_reported(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    handler = tmp_path / "handlers" / "fail"
+    handler.parent.mkdir()
+    handler.write_text("#!/bin/sh\nexit 123\n")
+    handler.chmod(0o755)
+    fakes.set("fioconfig", handlers_dir=f"{handler.parent}/")
+    registration_server.gateway.set_config(None, {"x": ConfigFile("1", on_changed=(str(handler),))})
+    run = register(device_root, registration_server, fakes, checkin_env(no_systemd, tmp_path),
+                   "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"].startswith("failed: a handler failed (exit status 123): ")
+
+
+def test_no_configuration_204_and_unchanged_304_are_ok(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    run = register(device_root, registration_server, fakes, checkin_env(no_systemd, tmp_path),
+                   "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "ok"
+    assert not (device_root.sota / "config.encrypted").exists()  # a 204 stores nothing
+    # A device that has the configuration already (config.encrypted newer): 304.
+    gateway = registration_server.gateway
+    gateway.set_config(None, {"f": "v"})
+    stored = device_root.sota / "config.encrypted"
+    stored.write_text('{"f": {"Value": "old", "Unencrypted": true}}')
+    env = fakes.environ(**checkin_env(no_systemd, tmp_path))
+    checkin = subprocess.run([str(fakes.dir / "fioconfig"), "--config",
+                              str(device_root.sota / "sota.toml"), "check-in"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert checkin.returncode == 0, checkin.stderr
+    assert "has not changed" in checkin.stderr and stored.read_text().endswith("true}}")
+    assert "If-Modified-Since" in gateway.requests[-1].request.headers
+
+
+def test_gateway_5xx_fails_after_fioconfigs_retries(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    fakes.set("fioconfig", retry_delays=[0.1] * 5)
+    registration_server.gateway.enqueue(*[Reply.error(503, "busy")] * 6)
+    run = register(device_root, registration_server, fakes, checkin_env(no_systemd, tmp_path),
+                   "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "failed: exit status 1: " + run.stderr.split(
+        "fioconfig check-in failed: exit status 1: ")[1].splitlines()[0]
+    assert "HTTP_503: busy" in run.json["fioconfig"]
+    assert len(registration_server.gateway.requests) == 6
+
+
+def test_a_refused_certificate_fails_the_checkin(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    with DeviceGateway(registration_server.ca, device_ca=ThrowawayCA("acme")) as other:
+        fakes.set("fioconfig", retry_delays=[0.1] * 5)
+        env = checkin_env(no_systemd, tmp_path, CONFIG_URL=f"{other.url}/config")
+        run = register(device_root, registration_server, fakes, env, "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"].startswith("failed: exit status 1: ")
+    assert "Unable to GET" in run.json["fioconfig"]
+    assert other.requests == []  # no request got past the handshake
+
+
+def test_an_unreachable_gateway_does_not_hold_the_boot(
+    live_root, device_root, fakes, no_systemd, tmp_path
+):
+    with RegistrationServer() as server:
+        assert server.gateway is None  # sota.toml names ota-lite.foundries.io
+        with DeviceGateway(server.ca, listening=False) as gone:
+            env = checkin_env(no_systemd, tmp_path, CONFIG_URL=f"{gone.url}/config")
+            run = register(device_root, server, fakes, env, "--no-start")
+            assert run.returncode == 0, run.stderr
+            assert run.json["fioconfig"] == "unreachable"
+            assert fakes.calls("fioconfig") == []  # not the minute of retries fioconfig takes
+            assert f"the device gateway {gone.url}/config is unreachable" in run.stderr
+            required = run_cli(*live_device_args(device_root, server, "--json", "--force",
+                                                 "--fioconfig", "on", "--no-start"),
+                               env=fakes.environ(**env))
+    assert required.returncode == 7
+    assert required.json["fioconfig"] == "unreachable"
+
+
+def test_secrets_dir_exists_before_the_checkin(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    """fioconfig refuses to extract without its secrets dir: it must be there first."""
+    registration_server.gateway.set_config(None, {"a": "b"})
+    secrets = tmp_path / "deep" / "secrets"
+    run = register(device_root, registration_server, fakes,
+                   {**no_systemd, "SECRETS_DIR": str(secrets)}, "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "ok" and (secrets / "a").read_text() == "b"
+
+
+@pytest.mark.parametrize(("configs", "config_url", "expected"), [
+    ([], None, "https://ota-lite.foundries.io:8443/config"),
+    ([("sota.toml", '[tls]\nserver = "https://gw:1"\n')], None, "https://gw:1/config"),
+    ([("sota.toml", '[tls]\nserver = "https://gw:1"\n')], "https://x/c", "https://x/c"),
+    # The last file name alphabetically wins; a later file of the same name replaces one.
+    ([("sota.toml", '[tls]\nserver = "https://a:1"\n'),
+      ("z-50.toml", '[tls]\nserver = "https://z:1"\n')], None, "https://z:1/config"),
+    ([("a.toml", '[tls]\nserver = "https://a:1"\n'),
+      ("a.toml", '[tls]\nserver = "https://b:1"\n')], None, "https://b:1/config"),
+    ([("z.toml", "not toml ["), ("sota.toml", '[tls]\nserver = "https://s:2"\n')], None,
+     "https://s:2/config"),
+])
+def test_gateway_url_as_fioconfig_resolves_it(configs, config_url, expected):
+    assert gateway_url(configs, config_url) == expected
+
+
+def test_probe_of_a_closed_port_says_why(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        why = probe_gateway(f"https://127.0.0.1:{s.getsockname()[1]}/config", 5)
+    assert why is not None and "refused" in why.lower()
+    assert probe_gateway("https:///config", 5) == "https:///config names no host"

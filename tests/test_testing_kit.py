@@ -261,20 +261,16 @@ def test_sota_toml_has_the_reference_sections_and_the_overrides(
     text = post(registration_server, body).json()["sota.toml"]
     toml = tomllib.loads(text)
     assert list(toml) == ["tls", "provision", "uptane", "pacman", "storage", "import", "extra"]
+    gateway = registration_server.gateway
+    assert gateway is not None  # the fixture's server has one; sota.toml sends devices there
     assert toml["tls"] == {
-        "server": "https://ota-lite.foundries.io:8443",
+        "server": gateway.url,
         "ca_source": "file",
         "pkey_source": "file",
         "cert_source": "file",
     }
-    assert toml["provision"] == {
-        "server": "https://ota-lite.foundries.io:8443",
-        "primary_ecu_hardware_id": "rpi4",
-    }
-    assert toml["uptane"] == {
-        "repo_server": "https://ota-lite.foundries.io:8443/repo",
-        "key_source": "file",
-    }
+    assert toml["provision"] == {"server": gateway.url, "primary_ecu_hardware_id": "rpi4"}
+    assert toml["uptane"] == {"repo_server": f"{gateway.url}/repo", "key_source": "file"}
     assert toml["pacman"] == {
         "type": "ostree+compose_apps",
         "ostree_server": "https://ostree.foundries.io:8443/ostree",

@@ -14,7 +14,10 @@ it with, for one, ``curl -d user_code=CODE URL/activate``.
 
 With ``--state-dir`` the factory CA (root and intermediate, keys 0600) is kept in that
 directory, so a board registered against one run still trusts the next. Each request is
-logged on stderr.
+logged on stderr. With ``--gateway`` it also serves a device gateway (``GET``/``PATCH
+/config`` for fioconfig, requiring the devices' client certificates), named in the
+``sota.toml`` of every registration, and prints a line ``gateway: URL``;
+``--config-dir DIR`` gives every device the files of DIR (encrypted to its key).
 """
 
 from __future__ import annotations
@@ -37,7 +40,17 @@ def _read_token(path: str) -> str:
         return handle.readline().strip()
 
 
+def _config_files(directory: Path) -> dict[str, str]:
+    """The files of ``directory`` (and below it) by relative name."""
+    return {
+        str(path.relative_to(directory)): path.read_text(encoding="utf-8")
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
 def serve(args: argparse.Namespace) -> int:
+    from lmp_autoreg.testing.gateway import DeviceGateway
     from lmp_autoreg.testing.server import RegistrationServer
 
     stop = threading.Event()
@@ -69,6 +82,8 @@ def serve(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir) if args.state_dir else Path(scratch) / "ca",
             tls_names=args.tls_name,
             oauth=oauth,
+            gateway=DeviceGateway if args.gateway else None,
+            gateway_port=args.gateway_port,
         )
         try:
             server.start()
@@ -81,6 +96,10 @@ def serve(args: argparse.Namespace) -> int:
             print(f"ca: {server.ca_file}", flush=True)
             if oauth is not None:
                 print(f"oauth: {server.url[:-len(server.path)]}/oauth", flush=True)
+            if isinstance(server.gateway, DeviceGateway):
+                if args.config_dir:
+                    server.gateway.set_config(None, _config_files(Path(args.config_dir)))
+                print(f"gateway: {server.gateway.url}", flush=True)
             stop.wait()
             LOG.info("stopping")
         finally:
@@ -128,6 +147,18 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--oauth-interval", type=float, default=5, metavar="SECONDS",
         help="the polling interval the OAuth endpoints ask for (default 5)",
+        "--gateway",
+        action="store_true",
+        help="also serve a device gateway (/config for fioconfig) on another port, named "
+        "in the sota.toml of each registration",
+    )
+    cmd.add_argument(
+        "--gateway-port", type=int, default=0, help="the gateway's port (default: any)"
+    )
+    cmd.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="with --gateway: the configuration files every device gets (encrypted)",
     )
     cmd.set_defaults(func=serve)
     return top

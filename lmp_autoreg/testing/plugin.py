@@ -2,7 +2,8 @@
 
 Fixtures:
 
-- ``registration_server``: a started HTTP :class:`~lmp_autoreg.testing.RegistrationServer`.
+- ``registration_server``: a started HTTP :class:`~lmp_autoreg.testing.RegistrationServer`
+  with its device gateway (``.gateway``), which the ``sota.toml`` it sends names.
 - ``registration_server_tls``: the same over HTTPS; trust it with ``server.ca_file``.
 - ``fake_device``: a :class:`~lmp_autoreg.testing.FakeDevice` built at ``/`` in pyfakefs.
 - ``device_root``: a :class:`~lmp_autoreg.testing.FakeDevice` built in ``tmp_path/device``.
@@ -26,9 +27,10 @@ if TYPE_CHECKING:
 
 
 def _serve(tls: bool) -> Iterator[RegistrationServer]:
+    from lmp_autoreg.testing.gateway import DeviceGateway
     from lmp_autoreg.testing.server import RegistrationServer
 
-    with RegistrationServer(tls=tls) as server:
+    with RegistrationServer(tls=tls, gateway=DeviceGateway) as server:
         yield server
 
 

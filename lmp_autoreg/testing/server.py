@@ -36,7 +36,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -59,6 +59,17 @@ _JOIN_TIMEOUT = 5.0
 _HANDLER_SOCKET_TIMEOUT = 10.0
 
 FilesEdit = Callable[[dict[str, str]], dict[str, str]]
+
+
+class Gateway(Protocol):
+    """What the server needs of a device gateway (``lmp_autoreg.testing.gateway``)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
 
 
 class Headers(Mapping[str, str]):
@@ -203,6 +214,7 @@ def sota_toml(
     hardware_id: str,
     overrides: Mapping[str, Mapping[str, str]] | None = None,
     sota_dir: str = "/var/sota",
+    gateway: str = GATEWAY_SERVER,
 ) -> str:
     """The ``sota.toml`` the reference server writes for a device.
 
@@ -210,10 +222,11 @@ def sota_toml(
     ``storage`` and ``import``, in that order) takes the request's overrides: a value is a
     TOML literal pasted in as it is, a key the section lacks is appended to it, a section
     the base lacks is appended to the file. An empty value means "not set" and becomes a
-    comment, so the file is valid TOML whatever the overrides.
+    comment, so the file is valid TOML whatever the overrides. ``gateway`` is the device
+    gateway's URL (``tls.server``).
     """
     q = toml_string
-    gateway, ostree = GATEWAY_SERVER, OSTREE_SERVER
+    ostree = OSTREE_SERVER
     sections: dict[str, dict[str, str]] = {
         "tls": {
             "server": q(gateway),
@@ -392,6 +405,8 @@ class RegistrationServer:
         state_dir: str | Path | None = None,
         tls_names: Iterable[str] = (),
         oauth: OAuthAuthority | None = None,
+        gateway: Callable[..., Gateway] | None = None,
+        gateway_port: int = 0,
     ) -> None:
         self.tls = tls
         #: The OAuth device authorization endpoints under /oauth (testing/oauth.py); with
@@ -448,6 +463,12 @@ class RegistrationServer:
                     handle.write(key_pem)
                 self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 self._ssl.load_cert_chain(cert_file, key_file)
+        #: With ``gateway=DeviceGateway`` (``lmp_autoreg.testing.gateway``): the device
+        #: gateway that the ``sota.toml`` it sends names in ``tls.server``, made with the
+        #: same CA, host and names, started and stopped with the server.
+        self.gateway: Gateway | None = None
+        if gateway is not None:
+            self.gateway = gateway(self.ca, host=host, port=gateway_port, tls_names=tls_names)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -457,6 +478,8 @@ class RegistrationServer:
         if self._started:
             raise RuntimeError("a RegistrationServer can be started only once")
         self._started = True
+        if self.gateway is not None:
+            self.gateway.start()
         httpd = _HTTPServer((self.host, self._port), self)
         try:
             httpd.server_bind()
@@ -523,6 +546,8 @@ class RegistrationServer:
         handlers = list(httpd.handler_threads) if httpd is not None else []
         for thread in [*self._threads, *handlers]:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self.gateway is not None:
+            self.gateway.stop()
         with real_disk():
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -702,7 +727,12 @@ class RegistrationServer:
             client_pem = self.ca.cert_for_key_with_other_cn(public, str(uuidlib.uuid4()))
         files = {
             "root.crt": self.ca.cert_pem,
-            "sota.toml": sota_toml(str(hardware_id), overrides, str(sota_dir)),
+            "sota.toml": sota_toml(
+                str(hardware_id),
+                overrides,
+                str(sota_dir),
+                self.gateway.url if self.gateway is not None else GATEWAY_SERVER,
+            ),
             "client.pem": client_pem,
             "client.chained": client_pem + "\n" + self.ca.intermediate_pem,
         }

@@ -1,0 +1,318 @@
+"""A loopback device gateway for tests: the ``/config`` endpoint fioconfig checks in with.
+
+It serves HTTPS and requires a client certificate issued by the factory's device CA (the
+kit's :class:`~lmp_autoreg.testing.ca.ThrowawayCA`); a device is known by its
+certificate's CN (its uuid). As the Foundries device gateway does for fioconfig:
+
+- ``GET /config`` answers 200 with a JSON object of file name ->
+  ``{"Value", "OnChanged", "Unencrypted"}``, each value encrypted (ECIES,
+  :mod:`lmp_autoreg.testing.ecies`, base64) to the public key of the certificate the
+  device presented, unless the file is marked plain; 204 when the device has no
+  configuration; 304 when the request's ``If-Modified-Since`` is not older than the
+  configuration. A 200 carries ``Date``, which fioconfig gives its ``config.encrypted``.
+- ``PATCH /config`` (fioconfig built with ``vpn`` sends its initial device data) is
+  recorded and answered 201.
+
+Fault knobs: :meth:`DeviceGateway.enqueue` takes the registration server's
+:class:`~lmp_autoreg.testing.server.Reply` objects (a status such as 503, ``delay`` for a
+hang, ``close`` to hang up without an answer, ``body``), one per request; a device whose
+certificate another CA issued (``device_ca``: accept only that CA's devices) fails the TLS
+handshake. ``listening=False`` binds the port
+without listening, so connections are refused (a fully detached factory has no gateway).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from lmp_autoreg.testing._realdisk import real_disk
+from lmp_autoreg.testing.ca import ThrowawayCA, subject_value
+from lmp_autoreg.testing.ecies import encrypt
+from lmp_autoreg.testing.server import (
+    Headers,
+    RecordedRequest,
+    Reply,
+    _Handler,
+    _HTTPServer,
+)
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_PATH = "/config"
+_JOIN_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """One file of a device's configuration: its content, the command fioconfig runs when
+    it changes (``on_changed``: argv), and whether it is sent in clear."""
+
+    value: str
+    on_changed: tuple[str, ...] = ()
+    unencrypted: bool = False
+
+
+@dataclass(frozen=True)
+class GatewayRequest:
+    """A request as the gateway received it, with the CN of the device's certificate."""
+
+    request: RecordedRequest
+    device: str | None
+
+
+def config_answer(
+    files: Mapping[str, ConfigFile], public_key: ec.EllipticCurvePublicKey
+) -> dict[str, dict[str, object]]:
+    """The JSON object of a 200: each value encrypted to ``public_key`` unless plain."""
+    answer: dict[str, dict[str, object]] = {}
+    for name, file in files.items():
+        raw = file.value.encode("utf-8")
+        value = raw if file.unencrypted else base64.b64encode(encrypt(public_key, raw))
+        answer[name] = {
+            "Value": value.decode("utf-8"),
+            "OnChanged": list(file.on_changed),
+            "Unencrypted": file.unencrypted,
+        }
+    return answer
+
+
+def not_modified(if_modified_since: str | None, modified: float) -> bool:
+    """Whether ``If-Modified-Since`` is not older than ``modified`` (whole seconds)."""
+    if not if_modified_since:
+        return False
+    try:
+        since = email.utils.parsedate_to_datetime(if_modified_since.replace("UTC", "GMT"))
+    except (TypeError, ValueError):
+        return False
+    return since.timestamp() >= int(modified)
+
+
+class _GatewayHandler(_Handler):
+    def do_PATCH(self) -> None:
+        self.server.kit._handle(self)
+
+
+class DeviceGateway:
+    """The device gateway on a loopback port, served from a background thread; see the
+    module documentation. Use it as a context manager or :meth:`start` / :meth:`stop`."""
+
+    def __init__(
+        self,
+        ca: ThrowawayCA,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_names: Iterable[str] = (),
+        listening: bool = True,
+        device_ca: ThrowawayCA | None = None,
+    ) -> None:
+        self.ca = ca
+        self.host = host
+        self.listening = listening
+        self._port = port
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._configs: dict[str | None, tuple[dict[str, ConfigFile], float]] = {}
+        self._queue: deque[Reply] = deque()
+        self._requests: list[GatewayRequest] = []
+        self._stopping = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        names = list(tls_names)
+        hosts = ["127.0.0.1", "localhost", "::1", *names]
+        if host not in ("0.0.0.0", "::"):
+            hosts.insert(0, host)
+        #: The host ``url`` names: ``host``, or for a wildcard the first of ``tls_names``.
+        self.public_host = host if host not in ("0.0.0.0", "::") else (names or [host])[0]
+        cert_pem, key_pem = ca.server_cert(hosts)
+        with real_disk():
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="lmp-autoreg-gateway-"))
+            cert_file = self._tmpdir / "gateway.crt"
+            key_file = self._tmpdir / "gateway.key"
+            cert_file.write_text(cert_pem, encoding="ascii")
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(key_pem)
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl.load_cert_chain(cert_file, key_file)
+        self._ssl.verify_mode = ssl.CERT_REQUIRED  # only devices of this factory
+        devices = device_ca or ca
+        self._ssl.load_verify_locations(cadata=devices.cert_pem + devices.intermediate_pem)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> DeviceGateway:
+        httpd = _HTTPServer((self.host, self._port), self)  # type: ignore[arg-type]
+        httpd.RequestHandlerClass = _GatewayHandler
+        try:
+            httpd.server_bind()
+        except BaseException:
+            httpd.server_close()
+            raise
+        httpd.socket = self._ssl.wrap_socket(
+            httpd.socket, server_side=True, do_handshake_on_connect=False
+        )
+        self._httpd = httpd
+        if self.listening:
+            httpd.server_activate()
+            self._thread = threading.Thread(
+                target=lambda: httpd.serve_forever(poll_interval=0.05),
+                name="lmp-autoreg-gateway",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        httpd = self._httpd
+        if httpd is not None:
+            if self._thread is not None:
+                httpd.shutdown()
+            httpd.server_close()
+            deadline = time.monotonic() + _JOIN_TIMEOUT
+            for thread in [*([self._thread] if self._thread else []), *httpd.handler_threads]:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with real_disk():
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> DeviceGateway:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- what tests read and steer ----------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the gateway is not started")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL, as ``tls.server`` in ``sota.toml`` names it."""
+        host = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
+        return f"https://{host}:{self.port}"
+
+    def set_config(
+        self, device: str | None, files: Mapping[str, ConfigFile | str]
+    ) -> None:
+        """Give ``device`` (a uuid; None: every device without its own) these files, as of
+        now; a ``str`` is an encrypted file without a handler. An empty mapping: 204."""
+        config = {
+            name: file if isinstance(file, ConfigFile) else ConfigFile(file)
+            for name, file in files.items()
+        }
+        with self._lock:
+            self._configs[device] = (config, time.time())
+
+    def enqueue(self, *replies: Reply) -> None:
+        """Script the next requests' replies (faults), one per request."""
+        with self._lock:
+            self._queue.extend(replies)
+
+    @property
+    def requests(self) -> list[GatewayRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def patches(self) -> list[GatewayRequest]:
+        """The ``PATCH /config`` requests: a device's initial data."""
+        return [r for r in self.requests if r.request.method == "PATCH"]
+
+    def wait_for(self, count: int, *, timeout: float = 30.0) -> list[GatewayRequest]:
+        """Wait until ``count`` requests have arrived (a bound, not a window)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self._requests) >= count, timeout):
+                raise TimeoutError(f"{len(self._requests)} gateway requests, not {count}")
+            return list(self._requests)
+
+    # -- serving ----------------------------------------------------------------------
+
+    def _handle(self, handler: _Handler) -> None:
+        body = handler.read_body()
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        der = handler.request.getpeercert(binary_form=True)
+        cert = x509.load_der_x509_certificate(der)
+        device = subject_value(cert.subject, NameOID.COMMON_NAME)
+        record = RecordedRequest(
+            method=handler.command,
+            path=handler.path,
+            headers=Headers(handler.headers.items()),
+            body=body,
+            json=parsed if isinstance(parsed, dict) else None,
+            time=time.monotonic(),
+        )
+        with self._lock:
+            self._requests.append(GatewayRequest(record, device))
+            self._arrived.notify_all()
+            reply = self._queue.popleft() if self._queue else None
+            config = self._configs.get(device, self._configs.get(None))
+        if reply is not None:
+            if reply.delay > 0 and self._stopping.wait(reply.delay):
+                handler.close_connection = True
+                return
+            if reply.close:
+                handler.close_connection = True
+                return
+            if reply.body is not None or not 200 <= reply.status < 300:
+                raw = reply.body if reply.body is not None else b"gateway fault"
+                raw = raw.encode("utf-8") if isinstance(raw, str) else raw
+                handler.send_bytes(reply.status, raw, "text/plain; charset=utf-8", reply.headers)
+                return
+        status, payload = self._answer(record, config, cert.public_key())
+        LOG.info("gateway: %s %s from %s -> %d", record.method, record.path, device, status)
+        kind = "application/json" if status == 200 else "text/plain; charset=utf-8"
+        handler.send_bytes(status, payload, kind, {})
+
+    @staticmethod
+    def _answer(
+        record: RecordedRequest,
+        config: tuple[dict[str, ConfigFile], float] | None,
+        public_key: object,
+    ) -> tuple[int, bytes]:
+        if record.path.split("?", 1)[0] != CONFIG_PATH:
+            return 404, b"Not Found"
+        if record.method == "PATCH":
+            return 201, b""
+        if record.method != "GET":
+            return 405, b"Method Not Allowed"
+        if config is None or not config[0]:
+            return 204, b""
+        files, modified = config
+        if not_modified(record.headers.get("If-Modified-Since"), modified):
+            return 304, b""
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            return 400, b"the device's key is not an EC key"
+        return 200, json.dumps(config_answer(files, public_key)).encode("utf-8")
