@@ -147,6 +147,8 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--oauth-interval", type=float, default=5, metavar="SECONDS",
         help="the polling interval the OAuth endpoints ask for (default 5)",
+    )
+    cmd.add_argument(
         "--gateway",
         action="store_true",
         help="also serve a device gateway (/config for fioconfig) on another port, named "
