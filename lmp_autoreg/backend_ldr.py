@@ -40,11 +40,11 @@ import os
 import re
 import shutil
 import stat
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import checked
 from .errors import (
     AlreadyRegistered,
     AutoregError,
@@ -320,14 +320,9 @@ def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
             raise BadAnswer(f"{TOOL} succeeded but left no usable {name}: "
                             f"{e.strerror or e}") from e
 
-    try:
-        toml: dict[str, Any] = tomllib.loads(read("sota.toml").decode("utf-8", "replace"))
-    except tomllib.TOMLDecodeError as e:
-        raise BadAnswer(f"{TOOL} left a sota.toml that is not valid TOML: {e}") from e
-    try:
-        cert = identity.load_certificate(read("client.pem"))
-    except ValueError as e:
-        raise BadAnswer(f"{TOOL} left a client.pem that is not a certificate: {e}") from e
+    toml = checked.toml_document(read("sota.toml").decode("utf-8", "replace"),
+                                 f"the sota.toml {TOOL} left")
+    cert = checked.certificate(read("client.pem"), f"the client.pem {TOOL} left")
     if identity.common_name(cert) != uuid:
         raise BadAnswer(f"{TOOL} left a client.pem for {identity.common_name(cert)!r}, "
                         f"not this device ({uuid})")
