@@ -58,14 +58,6 @@ class Case:
     repeat: bool = False  # answer every request so (a busy server), not GIVE_UP after one
     edited: bool = False  # the real answer with one edit: installed as sent, or refused
 
-    def __repr__(self) -> str:  # Hypothesis prints it for a failing case
-        r = self.reply
-        body = r.body if r.body is None or len(r.body) < 200 else f"{r.body[:200]!r}..."
-        return (f"Case(status={r.status}, headers={r.headers}, body={body!r}, "
-                f"edit={getattr(r.files, 'label', None)}, pace={r.pace}, "
-                f"truncate={r.truncate}, close={r.close}, repeat={self.repeat}, "
-                f"fits={sorted(self.fits)})")
-
 
 def expected(status: int) -> frozenset[int]:
     """The exit code an answer of ``status`` (its body aside) ends with."""
@@ -78,9 +70,22 @@ def expected(status: int) -> frozenset[int]:
     return frozenset({5})  # another 2xx, a 3xx: not the answer the agent asked for
 
 
-def labelled(label: str, edit):
-    edit.label = label
-    return edit
+class Edit:
+    """An edit of the real answer's files, named for the report of a failing case."""
+
+    def __init__(self, label: str, edit) -> None:
+        self.label = label
+        self.edit = edit
+
+    def __call__(self, files: dict[str, str]) -> dict[str, str]:
+        return self.edit(files)
+
+    def __repr__(self) -> str:
+        return f"Edit({self.label!r})"
+
+
+def labelled(label: str, edit) -> Edit:
+    return Edit(label, edit)
 
 
 # Latin-1 text without controls: what an HTTP header can carry.
