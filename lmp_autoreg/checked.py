@@ -185,7 +185,7 @@ def certificate(pem: str | bytes, where: str) -> "x509.Certificate":
     data = pem.encode("utf-8") if isinstance(pem, str) else pem
     try:
         cert = x509.load_pem_x509_certificate(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:
         raise BadAnswer(f"{where} is not an X.509 certificate: {e}") from e
     try:
         _read_fields(cert)

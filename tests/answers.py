@@ -69,3 +69,10 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[str, bytes
             else:
                 found[key] = ("file", path.read_bytes())
     return found
+
+
+def bad_version(pem: str) -> str:
+    """``pem`` claiming X.509 version 4, which does not exist (cryptography raises
+    ``InvalidVersion``, not a ``ValueError``)."""
+    der = _der(pem)
+    return _pem(der.replace(bytes.fromhex("a003020102"), bytes.fromhex("a003020103"), 1))

@@ -39,6 +39,8 @@ def refused(device, server, reply: Reply, message: str) -> None:
     assert message in failed, run.stderr
     assert snapshot(device.sota, skip=device.sota / ".lmp-autoreg") == before
     assert len(server.posts) == 2
+    # An answer is read as sent, never inflated past its bound.
+    assert server.posts[0].headers["Accept-Encoding"] == "identity"
 
 
 @pytest.mark.parametrize("body", [nested(5000), nested(5000, "{")], ids=["arrays", "objects"])

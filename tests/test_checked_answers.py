@@ -12,7 +12,7 @@ from lmp_autoreg.errors import BadAnswer
 from lmp_autoreg.retry import backoff
 from lmp_autoreg.testing.ca import ThrowawayCA
 
-from answers import flip_point_byte, nested, unknown_algorithm
+from answers import bad_version, flip_point_byte, nested, unknown_algorithm
 
 
 def answer(files) -> bytes:
@@ -104,9 +104,12 @@ def test_the_message_of_an_error():
     assert checked.server_message(b"abc \x1b[31mred", None, None) == "abc [31mred"
     assert checked.server_message(b"the token is s3cret", "ascii", "s3cret") == (
         "the token is <redacted>")
-    assert checked.server_message(b"{" + nested(5000, "{"), "utf-8", None).startswith("{{")
+    assert checked.server_message(b'{"a": ' + nested(5000), "utf-8", None).startswith('{"a"')
     assert len(checked.server_message(b"x" * 10**6, "utf-8", None)) == checked.MESSAGE_CHARS
     assert checked.server_message(b"caf\xe9", "latin-1", None) == "café"
+    # Only the first MESSAGE_BYTES are decoded: what comes after is never read.
+    late = b" " * checked.MESSAGE_BYTES + b"late"
+    assert checked.server_message(late, "utf-8", None) == ""
 
 
 @pytest.mark.props
@@ -151,7 +154,7 @@ def test_a_certificate_is_read_whole(client_pem):
     assert cert.public_key() is not None
 
 
-@pytest.mark.parametrize("damage", [flip_point_byte, unknown_algorithm,
+@pytest.mark.parametrize("damage", [flip_point_byte, unknown_algorithm, bad_version,
                                     lambda pem: pem.replace("A", "B", 1), lambda pem: "x"])
 def test_a_damaged_certificate_is_refused(client_pem, damage):
     with pytest.raises(BadAnswer, match="client.pem is"):
