@@ -112,7 +112,7 @@ class RegistrationClient:
         if worker.is_alive():
             exchange.abandon()
             self.session = requests.Session()  # the old one is the thread's until it ends
-            raise NoAnswer(f"no complete answer from {self.url} within {timeout:.1f} s")
+            raise NoAnswer(f"no answer from {self.url} within {timeout:.1f} s")
         if exchange.error is not None:
             raise exchange.error
         assert exchange.response is not None
