@@ -43,11 +43,11 @@ import os
 import re
 import shutil
 import stat
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import checked
 from .errors import (
     AlreadyRegistered,
     AutoregError,
@@ -335,10 +335,8 @@ def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
             raise BadAnswer(f"{TOOL} succeeded but left no usable {name}: "
                             f"{e.strerror or e}") from e
 
-    try:
-        toml: dict[str, Any] = tomllib.loads(read("sota.toml").decode("utf-8", "replace"))
-    except tomllib.TOMLDecodeError as e:
-        raise BadAnswer(f"{TOOL} left a sota.toml that is not valid TOML: {e}") from e
+    toml = checked.toml_document(read("sota.toml").decode("utf-8", "replace"),
+                                 f"the sota.toml {TOOL} left")
     if hsm and "p11" not in toml:
         raise BadAnswer(f"{TOOL} left a sota.toml without the [p11] section of the HSM")
     public_key = None  # HSM: the key is on the token
@@ -347,10 +345,8 @@ def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
             public_key = identity.key_from_pem(read("pkey.pem")).public_key()
         except ValueError as e:
             raise BadAnswer(f"{TOOL} left a pkey.pem that is not an EC private key: {e}") from e
-    try:
-        identity.check_client_certificate(read("client.pem"), uuid=uuid, public_key=public_key)
-    except ValueError as e:
-        raise BadAnswer(f"{TOOL} succeeded, but {e}") from e
+    identity.check_client_certificate(read("client.pem"), uuid=uuid, public_key=public_key,
+                                      where=f"the client.pem {TOOL} left")
 
 
 def dry_run_request(

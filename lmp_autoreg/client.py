@@ -6,21 +6,26 @@ attempt and classifies its outcome as an answer (a dict of files), ``ServerRefus
 one). Retrying is the caller's policy, not this module's.
 """
 
+import contextlib
+import http.client
 import json
 import logging
-import time
+import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import requests
+import urllib3
 
-from . import __version__
+from . import __version__, checked
 from .errors import BadAnswer, NoAnswer, ServerRefused, Unreachable
 from .settings import Settings
 
 LOG = logging.getLogger(__name__)
 USER_AGENT = f"lmp-device-auto-register/{__version__}"
-# How much of a refusal's body to show: enough for the reference server's messages.
-MESSAGE_LIMIT = 500
+# The most read from the socket at once (never more than the answer's bound allows).
+READ_SIZE = 16384
 # A connection not made in this time is given up, and retried: the network may be coming up.
 CONNECT_TIMEOUT = 10.0
 
@@ -67,38 +72,13 @@ def request_body(settings: Settings, *, uuid: str, csr: str) -> dict[str, Any]:
 
 def request_headers(settings: Settings, *, redact: bool = False) -> dict[str, str]:
     """Headers of the request; with ``redact`` the token is replaced, for showing."""
-    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+    # identity: an answer is read as sent, never inflated past its bound (curl, which the
+    # C++ tool uses, asks for no encoding either).
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+               "Accept-Encoding": "identity"}
     if settings.token is not None:
         headers[settings.token_header] = "<redacted>" if redact else settings.token
     return headers
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date or garbage: fall back to our own backoff
-
-
-def _server_message(response: requests.Response, content: bytes, token: str | None) -> str:
-    try:
-        text = content.decode(response.encoding or "utf-8", "replace").strip()
-    except LookupError:  # a charset Python does not know
-        text = content.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        for key in ("message", "detail", "error"):
-            if isinstance(data.get(key), str):
-                text = data[key]
-                break
-    text = " ".join(text.split())
-    if token:  # a server that echoes the request must not make us show the token
-        text = text.replace(token, "<redacted>")
-    return text[:MESSAGE_LIMIT] or response.reason or "no message"
 
 
 class RegistrationClient:
@@ -116,55 +96,126 @@ class RegistrationClient:
 
     def post(self, body: dict[str, Any], timeout: float) -> dict[str, str]:
         """One attempt of at most ``timeout`` seconds: the files of a 201 answer, or an
-        exception saying what happened (``Unreachable`` when no connection was made)."""
-        end = time.monotonic() + timeout
+        exception saying what happened (``Unreachable`` when no connection was made).
+
+        ``timeout`` bounds the whole exchange, every byte of it: the name lookup, the
+        connection, TLS, the request, the headers and the body. Socket timeouts bound each
+        read only (a server sending a byte every half second never meets them), so the
+        exchange runs in a thread of its own, and at ``timeout`` the attempt is over: its
+        connection is shut down and the thread, left behind, ends on its own.
+        """
+        exchange = _Exchange(self.session, self.url, json.dumps(body).encode(), self.headers,
+                             self.verify, timeout)
+        worker = threading.Thread(target=exchange.run, name="lmp-autoreg-request", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            exchange.abandon()
+            self.session = requests.Session()  # the old one is the thread's until it ends
+            raise NoAnswer(f"no answer from {self.url} within {timeout:.1f} s")
+        if exchange.error is not None:
+            raise exchange.error
+        assert exchange.response is not None
+        return _classify(exchange.response, exchange.content, self.token)
+
+
+class _Exchange:
+    """One request and the reading of its answer, run by a thread of ``post``: the response,
+    its body (at most ``checked.ANSWER_BYTES + 1`` bytes), or the error it ended with."""
+
+    def __init__(self, session: requests.Session, url: str, data: bytes,
+                 headers: dict[str, str], verify: str | bool, timeout: float) -> None:
+        self.session = session
+        self.url = url
+        self.data = data
+        self.headers = headers
+        self.verify = verify
+        self.timeout = timeout
+        self.response: requests.Response | None = None
+        self.content = b""
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+    def run(self) -> None:
+        try:
+            self._exchange()
+        except BaseException as e:  # handed to ``post``, which raises it in its thread
+            self.error = e
+
+    def _exchange(self) -> None:
+        url, timeout = self.url, self.timeout
         try:
             response = self.session.post(
-                self.url,
-                data=json.dumps(body).encode(),
+                url,
+                data=self.data,
                 headers=self.headers,
                 timeout=(min(timeout, CONNECT_TIMEOUT), timeout),
                 verify=self.verify,
                 allow_redirects=False,
                 stream=True,
             )
-            # Read the whole body here, so a connection cut mid-answer is a NoAnswer, and
-            # bound the whole of it: a read timeout alone bounds each read, not their sum.
-            chunks = []
-            for chunk in response.iter_content(16384):
-                chunks.append(chunk)
-                if time.monotonic() > end:
-                    raise NoAnswer(f"no complete answer from {self.url} within {timeout:.1f} s")
-            content = b"".join(chunks)
+            self.response = response
+            self.content = _read_body(response, lambda: self.abandoned)
         except requests.exceptions.SSLError as e:
             hint = "" if self.verify is not True else " (for a private CA, pass --cacert)"
-            raise NoAnswer(f"TLS certificate check of {self.url} failed: {_reason(e)}{hint}") from e
+            raise NoAnswer(f"TLS certificate check of {url} failed: {_reason(e)}{hint}") from e
         except requests.exceptions.ConnectTimeout as e:
-            raise Unreachable(f"cannot reach {self.url} within {timeout:.1f} s") from e
+            raise Unreachable(f"cannot reach {url} within {timeout:.1f} s") from e
         except requests.exceptions.Timeout as e:
-            raise NoAnswer(f"no answer from {self.url} within {timeout:.1f} s") from e
+            raise NoAnswer(f"no answer from {url} within {timeout:.1f} s") from e
         except requests.exceptions.ConnectionError as e:
-            raise Unreachable(f"cannot reach {self.url}: {_reason(e)}") from e
+            raise Unreachable(f"cannot reach {url}: {_reason(e)}") from e
         except requests.exceptions.RequestException as e:
-            raise NoAnswer(f"broken answer from {self.url}: {_reason(e)}") from e
-        return _classify(response, content, self.token)
+            raise NoAnswer(f"broken answer from {url}: {_reason(e)}") from e
+        # Reading the body from ``response.raw`` goes past requests, to urllib3.
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise NoAnswer(f"no answer from {url} within {timeout:.1f} s") from e
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
+            raise NoAnswer(f"broken answer from {url}: {_reason(e)}") from e
+        finally:
+            if self.response is not None:
+                self.response.close()
+
+    def abandon(self) -> None:
+        """The deadline has passed: stop reading, and shut the connection down if it is
+        known (once the headers are in), so a read in progress ends now."""
+        self.abandoned = True
+        connection = getattr(self.response.raw, "connection", None) if self.response else None
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _read_body(response: requests.Response, abandoned: Callable[[], bool]) -> bytes:
+    """The body as sent (``Accept-Encoding: identity``: never inflated), at most
+    ``checked.ANSWER_BYTES + 1`` bytes of it: one byte more says that there was more. A
+    201 that announces more is not read at all."""
+    limit = checked.ANSWER_BYTES
+    length = response.headers.get("Content-Length", "")
+    if response.status_code == 201 and length.isdigit() and int(length) > limit:
+        raise BadAnswer(f"the server said 201 but its answer is {int(length)} bytes, more "
+                        f"than {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit and not abandoned():
+        chunk = response.raw.read(min(READ_SIZE, limit + 1 - size), decode_content=False)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _classify(response: requests.Response, content: bytes, token: str | None) -> dict[str, str]:
     status = response.status_code
     if status == 201:
-        try:
-            files = json.loads(content)
-        except ValueError as e:
-            raise BadAnswer(f"the server said 201 but its answer is not JSON: {e}") from e
-        if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-        ):
-            raise BadAnswer("the server said 201 but its answer is not a map of file names to text")
-        return files
-    message = _server_message(response, content, token)
+        return checked.answer_files(content)
+    message = (checked.server_message(content, response.encoding, token)
+               or response.reason or "no message")
     if status == 429 or status >= 500:
-        raise NoAnswer(f"server busy or failing (HTTP {status}): {message}", _retry_after(response))
+        retry_after = checked.retry_after(response.headers.get("Retry-After"))
+        raise NoAnswer(f"server busy or failing (HTTP {status}): {message}", retry_after)
     if 400 <= status < 500:
         raise ServerRefused(f"server refused the registration (HTTP {status}): {message}", status)
     raise BadAnswer(f"unexpected answer HTTP {status} (expected 201): {message}")

@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import checked
+from .errors import BadAnswer
+
 if TYPE_CHECKING:
     from .devicekey import DeviceKey
 
@@ -138,20 +141,22 @@ def load_certificate(pem: str | bytes) -> x509.Certificate:
 
 
 def check_client_certificate(
-    pem: str | bytes, *, uuid: str, public_key: ec.EllipticCurvePublicKey | None
+    pem: str | bytes,
+    *,
+    uuid: str,
+    public_key: ec.EllipticCurvePublicKey | None,
+    where: str = "client.pem",
 ) -> x509.Certificate:
-    """``client.pem`` as the device may use it: a certificate whose CN is ``uuid`` and
-    which certifies ``public_key`` (None: a key on a token that the caller does not open).
-    ValueError saying what is wrong with it."""
-    try:
-        cert = load_certificate(pem)
-    except ValueError as e:
-        raise ValueError(f"client.pem is not an X.509 certificate: {e}") from e
+    """``client.pem`` as the device may use it, whoever installed it: a certificate whose
+    fields all read (checked.certificate), whose CN is ``uuid`` and which certifies
+    ``public_key`` (None: a key on a token that the caller does not open). BadAnswer saying
+    what is wrong with ``where``."""
+    cert = checked.certificate(pem, where)
     name = common_name(cert)
     if name != uuid:
-        raise ValueError(f"client.pem is for {name!r}, not this device ({uuid})")
+        raise BadAnswer(f"{where} is for {name!r}, not this device ({uuid})")
     if public_key is not None and cert.public_key() != public_key:
-        raise ValueError("client.pem certifies another key than this device's")
+        raise BadAnswer(f"{where} certifies another key than this device's")
     return cert
 
 

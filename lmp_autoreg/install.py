@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import testhook  # TEST-ONLY pauses; each returns at once on a device
+from . import checked, testhook  # TEST-ONLY pauses; each returns at once on a device
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
 from .util import fsync_dir, write_atomic
@@ -60,25 +60,16 @@ def verify_answer(
     reserved = sorted(RESERVED.intersection(files))
     if reserved:
         raise BadAnswer(f"the answer names files that are not the server's to write: {reserved!r}")
-    try:
-        identity.check_client_certificate(
-            files["client.pem"], uuid=uuid, public_key=None if key is None else key.public_key()
-        )
-    except ValueError as e:
-        raise BadAnswer(str(e)) from e
-    try:
-        identity.load_certificate(files["root.crt"])
-    except ValueError as e:
-        raise BadAnswer(f"root.crt is not an X.509 certificate: {e}") from e
+    identity.check_client_certificate(
+        files["client.pem"], uuid=uuid, public_key=None if key is None else key.public_key()
+    )
+    checked.certificate(files["root.crt"], "root.crt")
     chained = files.get("client.chained")
     if chained is not None and not chained.lstrip().startswith(files["client.pem"].strip()):
         raise BadAnswer("client.chained does not start with client.pem")
     if not files["sota.toml"].strip():
         raise BadAnswer("sota.toml is empty")
-    try:
-        config = tomllib.loads(files["sota.toml"])
-    except tomllib.TOMLDecodeError as e:
-        raise BadAnswer(f"sota.toml is not valid TOML: {e}") from e
+    config = checked.toml_document(files["sota.toml"], "sota.toml")
     sota_toml, sota_mode = files["sota.toml"], FILE_MODE
     added = key.config() if key is not None else ""
     if added:

@@ -10,8 +10,10 @@ The waits between attempts grow exponentially, with jitter that only ever shorte
 
 - no connection: from 0.5 s, capped at 2 s. The network or the server is coming up, and
   the device must register within 2 s of the server becoming reachable.
-- everything else: from 1 s, capped at 30 s; a server's ``Retry-After`` is honoured (the
-  wait is never shorter than what the server asked for).
+- everything else: from 1 s, capped at 30 s. A server's ``Retry-After`` is honoured: the
+  wait is never shorter than what the server asked for, nor than this backoff, which is
+  the floor of every wait: a server answering ``Retry-After: 0`` to every request is not
+  answered with a storm of them.
 
 ``next_wait`` is the whole policy as a pure function; ``retry`` only applies it.
 """
@@ -58,12 +60,15 @@ def backoff(failures: int, *, unreachable: bool, retry_after: float | None, rand
     """The wait after the ``failures``-th failure in a row of one kind (1 for the first).
 
     ``unreachable``: the failure was a connection failure. ``retry_after``: the server's
-    ``Retry-After`` in seconds, if it sent one. ``rand`` in [0, 1) spreads devices apart.
+    ``Retry-After`` in seconds, if it sent one (``checked.retry_after``: a finite number,
+    not negative), which lengthens the wait and never shortens it. ``rand`` in [0, 1)
+    spreads devices apart.
     """
-    if retry_after is not None and not unreachable:
-        return retry_after * (1 + JITTER * rand)
     first, cap = (CONNECT_FIRST, CONNECT_CAP) if unreachable else (SERVER_FIRST, SERVER_CAP)
-    return min(cap, first * 2.0 ** min(failures - 1, 16)) * (1 - JITTER * rand)
+    own = min(cap, first * 2.0 ** min(failures - 1, 16)) * (1 - JITTER * rand)
+    if retry_after is not None and not unreachable:
+        return max(own, retry_after * (1 + JITTER * rand))
+    return own
 
 
 def next_wait(

@@ -91,6 +91,7 @@ def run(
             list(argv),
             capture_output=True,
             text=True,
+            errors="replace",  # a child's output may carry a server's bytes: any will do
             timeout=timeout,
             env=dict(env) if env is not None else None,
             stdin=subprocess.DEVNULL,

@@ -533,3 +533,15 @@ def test_half_registration_is_set_aside_and_restored(live_root, device_root,
     assert (device_root.sota / "client.pem").read_bytes() != before["client.pem"][0]
     assert f"CN={run.json['uuid']}" in run.json["certificate"]["subject"]
     assert not (device_root.sota / ".lmp-autoreg" / "aside").exists()
+
+
+def test_the_tools_output_may_carry_any_bytes_of_the_server():
+    """lmp-device-register prints the server's raw answer ("Raw response was: ..."), which
+    may be any bytes: they are read with replacement, never a UnicodeDecodeError."""
+    import sys
+
+    from lmp_autoreg.util import run
+
+    script = "import sys; sys.stderr.buffer.write(b'HTTP_400 \\xff\\xfe')"
+    done = run([sys.executable, "-c", script], timeout=60)
+    assert done.stderr == "HTTP_400 \ufffd\ufffd"

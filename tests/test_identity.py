@@ -6,6 +6,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lmp_autoreg import identity
+from lmp_autoreg.errors import BadAnswer
 from lmp_autoreg.testing.ca import ThrowawayCA
 
 
@@ -53,11 +54,11 @@ def test_csr_is_signed_by_the_key_and_the_certificate_checked_against_it():
     assert identity.common_name(cert) == uuid
     assert identity.check_client_certificate(cert_pem, uuid=uuid, public_key=None) == cert
     other = identity.FileKey.generate()
-    with pytest.raises(ValueError, match="certifies another key than this device's"):
+    with pytest.raises(BadAnswer, match="certifies another key than this device's"):
         identity.check_client_certificate(cert_pem, uuid=uuid, public_key=other.public_key())
-    with pytest.raises(ValueError, match=r"is for '11111111-.*', not this device \(other\)"):
+    with pytest.raises(BadAnswer, match=r"is for '11111111-.*', not this device \(other\)"):
         identity.check_client_certificate(cert_pem, uuid="other", public_key=None)
-    with pytest.raises(ValueError, match="not an X.509 certificate"):
+    with pytest.raises(BadAnswer, match="not an X.509 certificate"):
         identity.check_client_certificate("not a certificate", uuid=uuid, public_key=None)
 
 

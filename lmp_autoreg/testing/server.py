@@ -127,6 +127,9 @@ class Reply:
     - ``truncate``: announce the full Content-Length but send only this many body bytes,
       then close the connection.
     - ``close``: read the request, then close the connection without any answer.
+    - ``pace``: send the status line and headers at once, then the body one byte every
+      ``pace`` seconds (a server or link that trickles: each read gets a byte in time, the
+      whole answer takes for ever). Stopping the server ends the trickle.
     - ``wrong_key``: replace ``client.pem`` (and ``client.chained``) with a certificate of
       the same subject signed by the same CA, but for a key the device does not hold.
     - ``wrong_cn``: replace ``client.pem`` (and ``client.chained``) with a certificate for
@@ -140,6 +143,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     truncate: int | None = None
     close: bool = False
+    pace: float = 0.0
     wrong_key: bool = False
     wrong_cn: bool = False
 
@@ -362,6 +366,8 @@ class _Handler(BaseHTTPRequestHandler):
         content_type: str,
         headers: Mapping[str, str],
         truncate: int | None = None,
+        pace: float = 0.0,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.close_connection = True
         self.send_response(status)
@@ -373,7 +379,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            pass
+        elif pace > 0 and stopping is not None:
+            self.wfile.flush()
+            for byte in body if truncate is None else body[:truncate]:
+                if stopping.wait(pace):
+                    return
+                self.wfile.write(bytes((byte,)))
+                self.wfile.flush()
+        else:
             self.wfile.write(body if truncate is None else body[:truncate])
         self.wfile.flush()
 
@@ -660,7 +675,8 @@ class RegistrationServer:
             return
         status, payload, content_type = self._answer(record, reply)
         LOG.info("%s %s -> %d", record.method, record.path, status)
-        handler.send_bytes(status, payload, content_type, reply.headers, reply.truncate)
+        handler.send_bytes(status, payload, content_type, reply.headers, reply.truncate,
+                           reply.pace, self._stopping)
 
     def _next_reply(self) -> Reply:
         return self._queue.popleft() if self._queue else self.default

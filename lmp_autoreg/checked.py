@@ -1,0 +1,218 @@
+"""Bytes from outside become checked values, with an error naming where they came from.
+
+Everything the agent takes from outside itself passes through one function of this module
+before the rest of the code uses it: what comes back is a value of a known shape and a
+bounded size, or the error of docs/spec.md section 6 that fits where the bytes came from
+(an answer of the server: ``BadAnswer``, exit 5, retried until the deadline). Nothing
+from outside reaches a parser that can recurse without bound, a codec that can take
+seconds, or a write that can fail on a lone surrogate.
+"""
+
+import codecs
+import json
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+from .errors import BadAnswer
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# --- Server answers ---
+#
+# The bounds of docs/spec.md section 2. The largest answer a real server sends is a few
+# kB (four PEM and TOML files); each bound is a hundred times that or more, and small
+# enough that a device holds it in memory without noticing.
+
+# The body of one answer that is read at most; a 201 answer longer than this is refused
+# (its Content-Length alone is enough), of an error only this much is kept.
+ANSWER_BYTES = 1024 * 1024
+# One file of a 201 answer, in UTF-8; and how many files one answer may carry.
+FILE_BYTES = 256 * 1024
+ANSWER_FILES = 64
+# How deep a 201 answer's JSON may nest: one object of strings is depth 1.
+ANSWER_DEPTH = 1
+# Of an error answer, the bytes decoded to find the server's message, how deep their JSON
+# may nest to be read for a "message", and the characters of that message shown.
+MESSAGE_BYTES = 4096
+MESSAGE_DEPTH = 8
+MESSAGE_CHARS = 500
+# The charsets an error answer's text is decoded with (their codecs' names); any other
+# (idna and punycode, which can fail or take seconds; an unknown name) is read as UTF-8.
+# All of them decode any bytes with replacement, in time linear in their length.
+CHARSETS = frozenset({
+    "utf-8", "ascii", "iso8859-1", "iso8859-15", "cp1252", "utf-16", "utf-16-le", "utf-16-be",
+})
+
+# The characters of JSON that can open or close a level, or a string, or escape.
+_JSON_MARKS = re.compile(r'["\\\[\]{}]')
+
+
+def json_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays and objects more than ``limit`` deep.
+
+    A scan of the brackets outside strings, linear in the length of ``text``, that stops at
+    the first level past ``limit``: ``json.loads`` recurses once per level, and a few
+    thousand levels end in ``RecursionError``. Meant to run before ``json.loads``, which
+    says whether the text is JSON at all.
+    """
+    depth = 0
+    in_string = False
+    escaped = -1  # the position of the character a backslash escapes
+    for mark in _JSON_MARKS.finditer(text):
+        at = mark.start()
+        if at == escaped:
+            continue
+        char = mark.group()
+        if in_string:
+            if char == "\\":
+                escaped = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def _text(value: str, where: str) -> bytes:
+    """``value`` as the UTF-8 bytes a file gets; a lone surrogate (a JSON ``\\ud800``) or a
+    NUL character is not text."""
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadAnswer(f"{where} is not text: {e.reason} at character {e.start}") from e
+    if b"\0" in data:
+        raise BadAnswer(f"{where} is not text: it holds a NUL character")
+    return data
+
+
+def answer_files(content: bytes) -> dict[str, str]:
+    """The files of a 201 answer's body: one JSON object of file names to text.
+
+    Refused (``BadAnswer``): a body over ``ANSWER_BYTES``, not UTF-8, not JSON, nested
+    deeper than an object of strings, more than ``ANSWER_FILES`` files, a file over
+    ``FILE_BYTES``, a name or a file that is not text.
+    """
+    if len(content) > ANSWER_BYTES:
+        raise BadAnswer(f"the server said 201 but its answer is larger than {ANSWER_BYTES} "
+                        "bytes")
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadAnswer(f"the server said 201 but its answer is not UTF-8: {e.reason} at "
+                        f"byte {e.start}") from e
+    if json_deeper_than(text, ANSWER_DEPTH):
+        raise BadAnswer("the server said 201 but its answer nests deeper than one object "
+                        "of file names to text")
+    try:
+        files = json.loads(text)
+    except ValueError as e:
+        raise BadAnswer(f"the server said 201 but its answer is not JSON: {e}") from e
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise BadAnswer("the server said 201 but its answer is not a map of file names to text")
+    if len(files) > ANSWER_FILES:
+        raise BadAnswer(f"the answer carries {len(files)} files, more than {ANSWER_FILES}")
+    for name, value in files.items():
+        _text(name, f"the name of a file in the answer ({name!r})")
+        if len(_text(value, f"{name!r} in the answer")) > FILE_BYTES:
+            raise BadAnswer(f"{name!r} in the answer is larger than {FILE_BYTES} bytes")
+    return files
+
+
+def charset(name: str | None) -> str:
+    """The codec an error answer's text is decoded with: its charset when that is one of
+    ``CHARSETS``, else UTF-8."""
+    try:
+        codec = codecs.lookup(name or "utf-8").name
+    except (LookupError, ValueError):  # an unknown name; a NUL in it
+        return "utf-8"
+    return codec if codec in CHARSETS else "utf-8"
+
+
+def server_message(content: bytes, encoding: str | None, token: str | None) -> str:
+    """The server's own words in an error answer, short and on one line.
+
+    Only the first ``MESSAGE_BYTES`` are decoded, with ``charset(encoding)`` and
+    replacement; a JSON object's ``message``, ``detail`` or ``error`` is taken when it has
+    one. Characters that are not printable become spaces, the token (a server that echoes
+    the request) ``<redacted>``. Empty when the server said nothing.
+    """
+    text = content[:MESSAGE_BYTES].decode(charset(encoding), "replace").strip()
+    data = None
+    if text[:1] == "{" and not json_deeper_than(text, MESSAGE_DEPTH):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+    if isinstance(data, dict):
+        for key in ("message", "detail", "error"):
+            if isinstance(data.get(key), str):
+                text = data[key]
+                break
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if token:
+        text = text.replace(token, "<redacted>")
+    return text[:MESSAGE_CHARS]
+
+
+def retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header's seconds: a finite number, not negative; None for anything
+    else (absent, an HTTP date, ``nan``, ``-5``, garbage), which leaves the wait to the
+    agent's own backoff."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def certificate(pem: str | bytes, where: str) -> "x509.Certificate":
+    """One PEM certificate from the server, every field the agent reads from it readable:
+    its subject's common name, its issuer, serial and expiry, and its public key (a
+    damaged EC point, an unknown algorithm). ``BadAnswer`` naming ``where`` otherwise."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    data = pem.encode("utf-8") if isinstance(pem, str) else pem
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+    except (ValueError, x509.InvalidVersion) as e:
+        raise BadAnswer(f"{where} is not an X.509 certificate: {e}") from e
+    try:
+        _read_fields(cert)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise BadAnswer(f"{where} is a damaged certificate: {e}") from e
+    return cert
+
+
+def _read_fields(cert: Any) -> tuple[object, ...]:
+    """Every field of ``cert`` that the agent reads (cryptography parses most of them only
+    when asked, and raises then)."""
+    from cryptography.x509.oid import NameOID
+
+    names = [name.rfc4514_string() for name in (cert.subject, cert.issuer)]
+    common = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return (*names, *common, cert.serial_number, cert.not_valid_after_utc, cert.public_key())
+
+
+def toml_document(text: str, where: str) -> dict[str, Any]:
+    """A TOML file from the server, parsed. ``tomllib`` recurses once per level of nested
+    arrays and inline tables: past Python's recursion limit that is a file nested too
+    deep, refused like any other that is not TOML."""
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BadAnswer(f"{where} is not valid TOML: {e}") from e
+    except RecursionError as e:
+        raise BadAnswer(f"{where} is not valid TOML: it nests too deep") from e
