@@ -355,12 +355,12 @@ def pin_hint(module: str) -> str:
 
 def _init_user_pin(token: "pkcs11.Token", hsm: Hsm) -> None:
     """A token that is initialised but has no user PIN yet gets it, with the SO PIN, as
-    the C++ tool does after initialising a token. python-pkcs11 before 0.8 (meta-python's
+    the C++ tool does after initialising a token. python-pkcs11 before 0.9 (meta-python's
     0.7.0) has no ``Session.init_pin``: then a ConfigError says how to set the PIN."""
     if not hasattr(pkcs11.Session, "init_pin"):
         raise ConfigError(
             f"the token {TOKEN_LABEL} has no user PIN and this python-pkcs11 cannot set one "
-            f"(no Session.init_pin): {pin_hint(hsm.module)}"
+            f"(Session.init_pin came with python-pkcs11 0.9): {pin_hint(hsm.module)}"
         )
     LOG.info("setting the user PIN of the token %s with the SO PIN", TOKEN_LABEL)
     try:
