@@ -385,9 +385,24 @@ def open_token(hsm: Hsm) -> Iterator[_Session]:
             LOG.debug("closing the session on %s: %s", TOKEN_LABEL, _why(e))
 
 
+def pin_hint(module: str) -> str:
+    """How a person sets the user PIN of a token that has none. The command asks for the
+    SO PIN and the new user PIN instead of taking them on argv."""
+    return (
+        f"set it first, e.g. `pkcs11-tool --module {module} --token-label {TOKEN_LABEL} "
+        "--login --login-type so --init-pin`"
+    )
+
+
 def _init_user_pin(token: "pkcs11.Token", hsm: Hsm) -> None:
     """A token that is initialised but has no user PIN yet gets it, with the SO PIN, as
-    the C++ tool does after initialising a token."""
+    the C++ tool does after initialising a token. python-pkcs11 before 0.9 (meta-python's
+    0.7.0) has no ``Session.init_pin``: then a ConfigError says how to set the PIN."""
+    if not hasattr(pkcs11.Session, "init_pin"):
+        raise ConfigError(
+            f"the token {TOKEN_LABEL} has no user PIN and this python-pkcs11 cannot set one "
+            f"(Session.init_pin came with python-pkcs11 0.9): {pin_hint(hsm.module)}"
+        )
     LOG.info("setting the user PIN of the token %s with the SO PIN", TOKEN_LABEL)
     try:
         with token.open(rw=True, so_pin=hsm.so_pin) as session:

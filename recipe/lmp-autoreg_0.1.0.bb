@@ -11,6 +11,9 @@ LICENSE = "BSD-3-Clause"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=027b40e2873ae93f89269c7b6ffc02fb"
 CVE_PRODUCT = "lmp-autoreg"
 
+# For the Yocto series that meta-lmp main declares, wrynose (openembedded-core and
+# meta-openembedded wrynose, bitbake 2.18): docs/adopting.md says how to check it there.
+
 # The repository of this project and the commit to build. A factory points both at the
 # mirror it builds from and the commit it has tested (docs/adopting.md). Here SRCREV is a
 # commit of main; tests/test_integration_files.py checks it is an ancestor of HEAD.
@@ -18,8 +21,6 @@ LMP_AUTOREG_GIT_URI ?= "git://git.example.com/lmp-autoreg.git;protocol=https;bra
 PV = "0.1.0+git"
 SRC_URI = "${LMP_AUTOREG_GIT_URI}"
 SRCREV = "8b66f4809402160818c1fc2895c1b540ca640a26"
-
-S = "${WORKDIR}/git"
 
 inherit python_setuptools_build_meta systemd
 
@@ -129,10 +130,10 @@ RDEPENDS:${PN} += "python3-core \
                    python3-systemd \
                    python3-tomllib \
 "
-# HSM mode of the native backend (a PKCS#11 token, /etc/sota/hsm): python-pkcs11, which
-# meta-python lacks (recipe/python3-python-pkcs11_*.bb). Recommended, so that an image
-# without an HSM can leave it out (BAD_RECOMMENDATIONS).
-RRECOMMENDS:${PN} += "python3-python-pkcs11"
+# HSM mode of the native backend (a PKCS#11 token, /etc/sota/hsm): python-pkcs11, packaged
+# by meta-python as python3-pkcs11 (0.7.0 in wrynose; the agent works with 0.7 and newer).
+# Recommended, so that an image without an HSM can leave it out (BAD_RECOMMENDATIONS).
+RRECOMMENDS:${PN} += "python3-pkcs11"
 
 # Replaces the shell-script package: same command, unit and token file.
 RPROVIDES:${PN} += "lmp-device-auto-register"

@@ -75,6 +75,12 @@ class SoftHsm:
                         "--pin", PIN, "--so-pin", SO_PIN],
                        env=self.env, check=True, capture_output=True, timeout=30)
 
+    def init_token_without_user_pin(self, label: str = "aktualizr") -> None:
+        """A token with its SO PIN only, as `pkcs11-tool --init-token` leaves it."""
+        subprocess.run([require_tool("pkcs11-tool"), "--module", MODULE, "--init-token",
+                        "--label", label, "--so-pin", SO_PIN],
+                       env=self.env, check=True, capture_output=True, timeout=30)
+
     @staticmethod
     def settings(module: str = MODULE, pin: str = PIN) -> dict[str, str]:
         """The /etc/sota/hsm of a device using this token."""

@@ -186,6 +186,29 @@ def test_an_uninitialised_token_is_refused_with_how_to_initialise_it(tmp_path, d
     assert installed(device.sota) == []
 
 
+def test_a_token_without_a_user_pin_gets_one_or_says_how_to_set_it(tmp_path, device, server):
+    """With SO PIN but no user PIN, as `pkcs11-tool --init-token` leaves it: a python-pkcs11
+    with Session.init_pin sets HSM_PIN with HSM_SOPIN and registers; one without (0.7.0,
+    meta-python's) refuses with exit 2 and the command that sets it, and that command
+    makes the next run register."""
+    pkcs11 = require_module("pkcs11")
+    softhsm = SoftHsm(tmp_path / "so-only")
+    softhsm.init_token_without_user_pin()
+    run = run_cli(*device_args(device, server, "--json"), env=softhsm.env)
+    if not hasattr(pkcs11.Session, "init_pin"):
+        assert run.returncode == 2, run.stderr
+        command = (f"pkcs11-tool --module {MODULE} --token-label aktualizr --login "
+                   "--login-type so --init-pin")
+        assert command in run.json["error"]["message"]
+        assert "Traceback" not in run.stderr
+        assert server.requests == [] and installed(device.sota) == []
+        subprocess.run([*command.split(), "--so-pin", SO_PIN, "--new-pin", PIN],
+                       env=softhsm.env, check=True, capture_output=True, timeout=30)
+        run = run_cli(*device_args(device, server, "--json"), env=softhsm.env)
+    assert run.returncode == 0, run.stderr
+    assert_registered_on_token(softhsm, device.sota)  # logs in with HSM_PIN
+
+
 def test_a_kill_after_key_generation_reuses_the_key(softhsm, device, server, tmp_path):
     args = device_args(device, server, "--json")
     with Paused("before-request", tmp_path / "marker", args, env=softhsm.env) as paused:
