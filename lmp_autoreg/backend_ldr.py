@@ -346,7 +346,7 @@ def check_installed(sota: Path, *, uuid: str, hsm: bool) -> None:
         except ValueError as e:
             raise BadAnswer(f"{TOOL} left a pkey.pem that is not an EC private key: {e}") from e
     identity.check_client_certificate(read("client.pem"), uuid=uuid, public_key=public_key,
-                                      where=f"the client.pem {TOOL} left")
+                                      where=f"{TOOL} succeeded, but client.pem")
 
 
 def dry_run_request(
