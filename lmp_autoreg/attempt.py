@@ -36,11 +36,12 @@ token.
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from . import guard, log
+from . import checked, guard, log
 from .errors import BadAnswer, LocalFailure
 from .install import PlannedFile, remove_registration
 from .paths import REGISTRATION_FILES
@@ -101,6 +102,7 @@ class Attempt:
         journaled = self.state.load_journal() is not None
         if not journaled:
             self._put_back()  # what a killed run set aside
+        self._check_files_are_files()
         if force:
             # The previous registration stays until a new answer is verified (``install``).
             self.abandon("--force")
@@ -115,6 +117,22 @@ class Attempt:
                             "until this attempt succeeds", sota)
                 self.set_aside()
         self.state.sweep()
+
+    def _check_files_are_files(self) -> None:
+        """LocalFailure when something other than a file (or a link, which is replaced)
+        stands where a registration file goes: a directory named ``pkey.pem`` is not a half
+        registration to set aside, and nothing of it is moved or deleted."""
+        for name in REGISTRATION_FILES:
+            path = self.paths.sota / name
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise LocalFailure(f"cannot check {path}: {e.strerror or e}") from e
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                raise LocalFailure(f"{path} is a {checked.kind(mode)} where a file goes: "
+                                   "nothing was changed; move it away and run again")
 
     @property
     def _aside_dir(self) -> "Path":
