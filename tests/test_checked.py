@@ -146,6 +146,18 @@ def test_an_app_directory_named_with_bytes_that_are_not_utf8_is_exit_2(device_ro
     assert "'b\\xff': it holds bytes that are not UTF-8" in data["error"]["message"]
 
 
+@pytest.mark.parametrize(("line", "shown"), [
+    (b'LMP_FACTORY="f\xff"\n', "'f\\xff': it holds bytes that are not UTF-8"),
+    (b"LMP_FACTORY=f\x1b[0m\n", "'f\\x1b[0m': it holds a control character"),
+])
+def test_a_value_in_a_device_file_that_is_not_text_is_exit_2(device_root, line, shown):
+    release = device_root.path("/etc/os-release")
+    release.write_bytes(release.read_bytes().replace(b'LMP_FACTORY="acme"\n', b"") + line)
+    rc, data, _ = agent(device_root, None, "--dry-run")
+    assert rc == 2
+    assert data["error"]["message"] == f"LMP_FACTORY in /etc/os-release is invalid: {shown}"
+
+
 # --- a token or token header HTTP cannot carry ---------------------------------------------
 
 def test_a_token_http_cannot_carry_is_exit_2_and_never_shown(device_root, registration_server):

@@ -31,9 +31,10 @@ from conftest import clean_env, require_tool
 # Many real processes per test: the per-test timeout of tests/conftest.py is for one.
 pytestmark = [pytest.mark.props, pytest.mark.timeout(900)]
 
-# Each case runs the agent: `make test`'s fixed-seed profile (derandomized) takes a dozen
-# per family; the long profile (`make test-long`) its own count, at least 2000.
-PER_FAMILY = settings(max_examples=12) if settings().derandomize else settings()
+# Each case runs the agent: with `make test`'s fixed-seed profile a dozen per family; with
+# the long one (`make test-long`, tests/conftest.py) its own count, at least 2000.
+LONG = os.environ.get("HYPOTHESIS_PROFILE", "default") != "default"
+PER_FAMILY = settings() if LONG else settings(max_examples=12)
 DEADLINE = 5
 MARGIN = 30  # a loaded machine starts Python slowly; a FIFO that blocks waits forever
 NO_DAC = "-dac_override,-dac_read_search"
