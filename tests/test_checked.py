@@ -296,3 +296,14 @@ def test_compose_apps_linked_out_of_the_image_never_lists_the_hosts_names(device
     (inside / "imageapp").mkdir(parents=True)
     rc, data, _ = agent(device_root, None, "--dry-run")
     assert rc == 0 and data["apps"] == ["imageapp"]
+
+
+def test_status_and_the_guard_never_block_on_a_fifo_as_client_pem(device_root):
+    (device_root.sota / "sota.toml").write_text("[tls]\nserver = \"https://x\"\n")
+    os.mkfifo(device_root.sota / "client.pem")
+    status = subprocess.run([sys.executable, "-m", "lmp_autoreg", "status", "--sysroot",
+                             str(device_root.root), "--json"], capture_output=True, text=True,
+                            env=clean_env(), timeout=WAIT, stdin=subprocess.DEVNULL)
+    assert status.returncode == 0 and json.loads(status.stdout)["uuid"] is None
+    rc, data, _ = agent(device_root, None, "--dry-run")  # the guard: registered, no uuid
+    assert rc == 3 and data["uuid"] is None
