@@ -120,8 +120,11 @@ env_lines = st.lists(
 ).map(lambda pairs: b"".join(
     k.encode() + b"=" + (v if isinstance(v, bytes) else v.encode(errors="surrogateescape"))
     + b"\n" for k, v in pairs))
-contents = st.one_of(st.binary(max_size=200), env_lines,
-                     st.just(json.dumps({"uuid": "", "key": None}).encode()))
+identities = st.fixed_dictionaries({
+    "uuid": st.sampled_from(["", "a" * 70, "12345678-1234-1234-1234-123456789abc", "x\ud800"]),
+    "key": st.one_of(st.none(), st.text(max_size=30), st.just({"x": 1}), st.integers()),
+}).map(lambda d: json.dumps(d).encode())
+contents = st.one_of(st.binary(max_size=200), env_lines, identities)
 kinds = st.one_of(
     st.tuples(st.just("file"), contents, st.sampled_from([0o644, 0o600, 0o000])),
     st.tuples(st.just("dir"), st.booleans(), st.sampled_from([0o755, 0o700, 0o000])),
