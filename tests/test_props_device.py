@@ -237,7 +237,8 @@ SHADOWED_BY = {"DEVICE_FACTORY": "--factory", "HARDWARE_ID": "--hwid", "APPS": "
                "RESTORABLE_APPS": "--restorable-apps", "DEVICE_GROUP": "--device-group",
                "TOKEN_HEADER": "--api-token-header", "SOTA_DIR": "--sota-dir",
                "TOKEN_FILE": "--token-file", "CACERT": "--cacert", "USE_HOSTNAME": "--name",
-               "START_SERVICES": "--start", "REGISTRATION_TIMEOUT": "--timeout",
+               "START_SERVICES": "--no-start", "FIOCONFIG": "--fioconfig",
+               "REGISTRATION_TIMEOUT": "--timeout",
                "DEVICE_API": "--device-api"}
 
 
@@ -274,7 +275,8 @@ def test_the_command_line_and_the_environment(registration_server, case):
         assert sorted(os.listdir(tmp)) == ["host", "root"]
         if rc != 0:
             assert_as_it_was(before, snapshot(root))
-        given = {*case["options"], *case["paths"], "--timeout", "--device-api"}
+        given = {*case["options"], *case["paths"], "--timeout", "--device-api", "--no-start",
+                 "--fioconfig"}
         read_env = [v for k, v in case["env"].items() if SHADOWED_BY.get(k) not in given]
         bad = [v for v in (*case["options"].values(), *read_env)
                if not isinstance(v, str) and v[1]]
