@@ -138,12 +138,17 @@ def test_a_setting_that_is_not_text_is_exit_2_naming_it(device_root, registratio
     assert registration_server.requests == []
 
 
-def test_an_app_directory_named_with_bytes_that_are_not_utf8_is_exit_2(device_root):
-    (device_root.sota / "compose-apps").joinpath(os.fsdecode(b"b\xff")).mkdir()
+@pytest.mark.parametrize(("name", "why"), [
+    (b"b\xff", "'b\\xff': it holds bytes that are not UTF-8"),
+    (b"a,b", "the app name 'a,b' holds a comma"),
+    (b"a\x7f", "'a\\x7f': it holds a control character"),
+])
+def test_an_app_directory_whose_name_cannot_be_an_app_is_exit_2(device_root, name, why):
+    (device_root.sota / "compose-apps").joinpath(os.fsdecode(name)).mkdir()
     rc, data, _ = agent(device_root, None, "--dry-run")
     assert rc == 2
-    assert "an app directory in" in data["error"]["message"]
-    assert "'b\\xff': it holds bytes that are not UTF-8" in data["error"]["message"]
+    assert data["error"]["message"] == (f"an app directory in {device_root.sota}/compose-apps "
+                                        f"is invalid: {why}")
 
 
 @pytest.mark.parametrize(("line", "shown"), [
