@@ -312,3 +312,17 @@ def test_status_and_the_guard_never_block_on_a_fifo_as_client_pem(device_root):
     assert status.returncode == 0 and json.loads(status.stdout)["uuid"] is None
     rc, data, _ = agent(device_root, None, "--dry-run")  # the guard: registered, no uuid
     assert rc == 3 and data["uuid"] is None
+
+
+def test_a_state_dir_linked_out_of_the_image_is_never_read(device_root, tmp_path):
+    """``status`` reads the state dir without the lock: through a link it reads inside the
+    image, never the host's directory the link names."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "identity.json").write_text(json.dumps(
+        {"uuid": "12345678-1234-1234-1234-123456789abc", "key": None}))
+    (device_root.sota / ".lmp-autoreg").symlink_to(host)
+    status = subprocess.run([sys.executable, "-m", "lmp_autoreg", "status", "--sysroot",
+                             str(device_root.root), "--json"], capture_output=True, text=True,
+                            env=clean_env(), timeout=WAIT, stdin=subprocess.DEVNULL)
+    assert status.returncode == 1 and json.loads(status.stdout)["pending"] is False
