@@ -326,3 +326,18 @@ def test_a_state_dir_linked_out_of_the_image_is_never_read(device_root, tmp_path
                              str(device_root.root), "--json"], capture_output=True, text=True,
                             env=clean_env(), timeout=WAIT, stdin=subprocess.DEVNULL)
     assert status.returncode == 1 and json.loads(status.stdout)["pending"] is False
+
+
+def test_a_lock_linked_out_of_the_image_is_exit_6_and_the_host_file_unchanged(
+        device_root, registration_server, tmp_path):
+    registration_server.default = Reply.give_up()
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "mine").write_text("the host's\n")
+    state = device_root.sota / ".lmp-autoreg"
+    state.mkdir(mode=0o700)
+    (state / "lock").symlink_to(host / "mine")
+    rc, data, _ = agent(device_root, registration_server)
+    assert rc == 6 and data["error"]["message"].startswith(f"cannot open the lock {state}/lock")
+    assert (host / "mine").read_text() == "the host's\n"
+    assert registration_server.requests == []
