@@ -102,7 +102,6 @@ class Attempt:
         journaled = self.state.load_journal() is not None
         if not journaled:
             self._put_back()  # what a killed run set aside
-        self._check_files_are_files()
         if force:
             # The previous registration stays until a new answer is verified (``install``).
             self.abandon("--force")
@@ -119,9 +118,10 @@ class Attempt:
         self.state.sweep()
 
     def _check_files_are_files(self) -> None:
-        """LocalFailure when something other than a file (or a link, which is replaced)
-        stands where a registration file goes: a directory named ``pkey.pem`` is not a half
-        registration to set aside, and nothing of it is moved or deleted."""
+        """Before files are set aside: LocalFailure when something other than a file (or a
+        link) stands where a registration file goes. A directory named ``pkey.pem`` is not
+        a half registration to set aside (and drop after a success): nothing of it is moved
+        or deleted."""
         for name in REGISTRATION_FILES:
             path = self.paths.sota / name
             try:
@@ -142,6 +142,7 @@ class Attempt:
         """Move the registration files of the sota dir into the state dir, to be put back
         unchanged if this attempt fails."""
         sota, aside = self.paths.sota, self._aside_dir
+        self._check_files_are_files()
         try:
             aside.mkdir(mode=0o700, exist_ok=True)
             moved = []
