@@ -28,13 +28,14 @@ from lmp_autoreg.testing.server import Reply
 
 from conftest import clean_env, require_tool
 
-# Many real processes per test: the per-test timeout of tests/conftest.py is for one.
-pytestmark = [pytest.mark.props, pytest.mark.timeout(900)]
-
 # Each case runs the agent: with `make test`'s fixed-seed profile a dozen per family; with
 # the long one (`make test-long`, tests/conftest.py) its own count, at least 2000.
 LONG = os.environ.get("HYPOTHESIS_PROFILE", "default") != "default"
 PER_FAMILY = settings() if LONG else settings(max_examples=12)
+# Many real processes per test: the per-test timeout (tests/conftest.py, pyproject.toml) is
+# for one. None at all in the long run (`make test-long` says --timeout 0, which a marker
+# would override).
+pytestmark = [pytest.mark.props, pytest.mark.timeout(0 if LONG else 900)]
 DEADLINE = 5
 MARGIN = 30  # a loaded machine starts Python slowly; a FIFO that blocks waits forever
 NO_DAC = "-dac_override,-dac_read_search"
