@@ -4,8 +4,8 @@ Read top-down; a module imports only modules listed above it (tests/test_structu
 checks that no import, not even one inside a function, goes round in a circle):
 
 - ``errors``    one exception per exit code
-- ``checked``   where bytes from outside become checked values (the server's answers:
-                their bounds, depth, charsets, certificates), or the error naming where
+- ``checked``   bytes from outside (answers, device files, settings) become checked
+                values, with an error naming where they came from
 - ``der``       a small DER reader for the subject and expiry of ``client.pem``, without
                 ``cryptography`` (used by ``guard`` and ``status``)
 - ``guard``     the light first check of every start: where the sota dir is, and is the

@@ -36,11 +36,12 @@ token.
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from . import guard, log
+from . import checked, guard, log
 from .errors import BadAnswer, LocalFailure
 from .install import PlannedFile, remove_registration
 from .paths import REGISTRATION_FILES
@@ -116,6 +117,23 @@ class Attempt:
                 self.set_aside()
         self.state.sweep()
 
+    def _check_files_are_files(self) -> None:
+        """Before files are set aside: LocalFailure when something other than a file (or a
+        link) stands where a registration file goes. A directory named ``pkey.pem`` is not
+        a half registration to set aside (and drop after a success): nothing of it is moved
+        or deleted."""
+        for name in REGISTRATION_FILES:
+            path = self.paths.sota / name
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise LocalFailure(f"cannot check {path}: {e.strerror or e}") from e
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                raise LocalFailure(f"{path} is a {checked.kind(mode)} where a file goes: "
+                                   "nothing was changed; move it away and run again")
+
     @property
     def _aside_dir(self) -> "Path":
         return self.state.dir / ASIDE
@@ -124,6 +142,7 @@ class Attempt:
         """Move the registration files of the sota dir into the state dir, to be put back
         unchanged if this attempt fails."""
         sota, aside = self.paths.sota, self._aside_dir
+        self._check_files_are_files()
         try:
             aside.mkdir(mode=0o700, exist_ok=True)
             moved = []

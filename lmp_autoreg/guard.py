@@ -10,7 +10,7 @@ start-up (docs/performance.md). ``settings.resolve_paths`` builds on ``locate``.
 import os
 from collections.abc import Mapping
 
-from . import der
+from . import checked, der
 from .errors import AlreadyRegistered, ConfigError
 
 # The same device paths as paths.DEFAULT_SOTA_DIR and paths.DEFAULTS_FILE, as plain strings.
@@ -22,6 +22,9 @@ STATE_DIR = ".lmp-autoreg"
 JOURNAL = "install.json"
 
 StrPath = str | os.PathLike[str]
+# Room a sota dir leaves in PATH_MAX for the names the agent puts under it (the longest:
+# ``.lmp-autoreg/aside/.client.chained.tmp-<pid>``), with some to spare.
+SOTA_ROOM = 64
 MAX_LINKS = 40  # as the kernel: a loop of links is an error, not a hang
 
 
@@ -29,16 +32,18 @@ def read_env_file(path: StrPath) -> dict[str, str]:
     """Parse KEY=VALUE lines (os-release, /etc/default, /etc/sota/hsm); quotes are stripped.
 
     A missing file is empty. Comments, blank lines and an ``export`` prefix are allowed.
+    Anything but a regular file is refused without blocking (a FIFO, say: ``checked``);
+    bytes that are not UTF-8 stay in the values, for ``checked.setting`` to refuse where a
+    value is used.
     """
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return {}
+        data = checked.read_file(path)
     except OSError as e:
-        raise ConfigError(f"cannot read {os.fspath(path)}: {e.strerror}") from e
+        raise ConfigError(f"cannot read {os.fspath(path)}: {e.strerror or e}") from e
+    if data is None:
+        return {}
     values = {}
-    for line in text.splitlines():
+    for line in checked.decode(data).splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
@@ -89,7 +94,7 @@ def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
     The sota dir comes from ``--sota-dir``, ``$SOTA_DIR``, ``SOTA_DIR`` in the default file
     (under the sysroot), or the default; empty values count as unset (docs/spec.md section 3).
     """
-    sysroot = str(cli.get("sysroot") or "/")
+    sysroot = checked.path(str(cli.get("sysroot") or "/"), "--sysroot")
     if not os.path.isdir(sysroot):
         raise ConfigError(f"--sysroot {sysroot} is not a directory")
     defaults = read_env_file(host_path(sysroot, DEFAULTS_FILE))
@@ -101,7 +106,8 @@ def locate(cli: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
     for place, value in places:
         if value is None or value == "":
             continue
-        value = str(value)
+        value = checked.path(str(value), f"sota dir from {place}",
+                             room=len(sysroot.encode()) + SOTA_ROOM)
         if not value.startswith("/") or ".." in value.split("/"):
             raise ConfigError(
                 f"sota dir from {place} is invalid: {value!r} is not an absolute device path "
@@ -169,10 +175,10 @@ def _device_to_host(sota: str, device_sota: str | None, path: str) -> str:
 
 def _sota_toml(sota: StrPath) -> str | None:
     try:
-        with open(os.path.join(sota, "sota.toml"), "rb") as f:
-            return f.read().decode(errors="replace")
+        data = checked.read_file(os.path.join(sota, "sota.toml"))
     except OSError:
         return None
+    return None if data is None else data.decode(errors="replace")
 
 
 def client_cert(sota: StrPath, device_sota: str | None = None) -> str:
@@ -215,8 +221,8 @@ def registered_uuid(sota: StrPath, device_sota: str | None = None) -> str | None
     registration, when readable. In HSM mode that is ``client.pem``, which the tool writes
     beside the token's copy; a rotation keeps the subject, so the uuid stays right."""
     try:
-        with open(client_cert(sota, device_sota), "rb") as f:
-            return der.common_name(f.read())
+        data = checked.read_file(client_cert(sota, device_sota))
+        return None if data is None else der.common_name(data)
     except (OSError, ValueError):
         return None
 

@@ -1,7 +1,12 @@
 """The device's file layout, and how device paths map onto the machine running the agent.
 
-Every device path (``/etc/os-release``, ``/var/sota``, ...) goes through ``DevicePaths``:
-on a device the sysroot is ``/``; on a mounted image it is wherever the image is mounted.
+Every device path (``/etc/os-release``, ``/var/sota``, ``<sota>/.lmp-autoreg``, ...) goes
+through ``DevicePaths.host``: on a device the sysroot is ``/``; on a mounted image it is
+wherever the image is mounted, and the path is resolved inside it as the device itself
+would resolve it (``guard.host_path``, one component at a time, the way ``chroot`` or
+``openat2(RESOLVE_IN_ROOT)`` would): an absolute link starts again at the sysroot, ``..``
+never climbs above it. A link in an image never leads onto the machine running the
+agent, whatever directory it names, the state directory and ``compose-apps`` included.
 Paths a person types for the machine running the agent (``--token-file``, ``--cacert``,
 binaries) never come here.
 """
@@ -46,12 +51,12 @@ class DevicePaths(NamedTuple):
 
     @property
     def compose_apps(self) -> Path:
-        return self.sota / "compose-apps"
+        return self.host(self.sota_device / "compose-apps")
 
     @property
     def state_dir(self) -> Path:
         """The agent's own state (lock, pending identity): ``<sota>/.lmp-autoreg``."""
-        return self.sota / STATE_DIR
+        return self.host(self.sota_device / STATE_DIR)
 
     @property
     def defaults_file(self) -> Path:

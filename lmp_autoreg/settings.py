@@ -4,7 +4,10 @@ For each setting the first place that has it wins: the command line, then the
 environment, then ``/etc/default/lmp-device-auto-register``, then the device's own files,
 then the default. ``resolve`` is pure apart from reading those files; it raises
 one ``ConfigError`` naming every setting that is missing or invalid, each with every
-place it looked.
+place it looked. Every value passes ``checked`` where it is taken (``_Sources.first``, and
+the few read elsewhere): text that is not UTF-8 or holds a control character, a path the
+kernel cannot take, a token or header name HTTP cannot carry, a device file that is not a
+regular file, are refused there, naming the place.
 """
 
 import os
@@ -14,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-from . import BACKENDS, FIOCONFIG_MODES
+from . import BACKENDS, FIOCONFIG_MODES, checked
 from .errors import ConfigError
 from .guard import locate, read_env_file
 from .paths import DEFAULTS_FILE, HSM_CONFIG, OS_RELEASE, SOTA_TAG, TOKEN_FILE, DevicePaths
@@ -94,23 +97,29 @@ class Settings(NamedTuple):
 
 
 def _first_line(path: Path) -> str | None:
+    """The first line of a device file, stripped; None when missing or empty. Anything but
+    a regular file is refused without blocking (``checked.read_file``)."""
     try:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            line = f.readline().strip()
-    except FileNotFoundError:
-        return None
+        data = checked.read_file(path)
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
-    return line or None
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    if data is None:
+        return None
+    lines = checked.decode(data).splitlines()
+    return (lines[0].strip() if lines else "") or None
 
 
 def list_apps(compose_apps: Path) -> tuple[str, ...]:
-    """The sorted names of the sub-directories of ``compose_apps`` (hidden ones skipped)."""
+    """The sorted names of the sub-directories of ``compose_apps`` (hidden ones skipped),
+    each a ``checked.app_name``. ``ConfigError`` when the directory cannot be read."""
     try:
         entries = list(os.scandir(compose_apps))
     except (FileNotFoundError, NotADirectoryError):
         return ()
-    return tuple(sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir()))
+    except OSError as e:
+        raise ConfigError(f"apps: cannot read {compose_apps}: {e.strerror or e}") from e
+    names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    return tuple(checked.app_name(name, f"an app directory in {compose_apps}") for name in names)
 
 
 class _Sources:
@@ -143,13 +152,14 @@ class _Sources:
             looked.append(place)
             value = get()
             if value is not None and (empty_ok or value != ""):
-                return str(value), place, looked
+                return checked.setting(str(value), place), place, looked
         return None, "", looked
 
     def machine_path(self, value: str, place: str, paths: DevicePaths) -> Path:
         """A path setting as a path on this machine. The command line and the environment
         are typed for this machine; the default file belongs to the device, so a path in
         it is a device path, resolved under the sysroot (docs/spec.md section 3)."""
+        checked.path(value, place)
         if place.endswith(f" in {DEFAULTS_FILE}"):
             return paths.host(value)
         return Path(value)
@@ -227,11 +237,7 @@ def resolve(
     name = check(lambda: _name(cli, src, paths), None)
     uuid = check(lambda: _uuid(cli), None)
 
-    apps_value, _, _ = src.first("--apps", "APPS")
-    # A list with no names in it (",", " ") counts as not given, like an empty value: both
-    # backends then mean the same thing, the apps found on the device, else all apps.
-    given = tuple(a.strip() for a in (apps_value or "").split(",") if a.strip())
-    apps = given or list_apps(paths.compose_apps) or None
+    apps = check(lambda: _apps(src, paths), None)
 
     device_group, _, _ = src.first("--device-group", "DEVICE_GROUP")
     no_token: tuple[str | None, str | None] = (None, None)
@@ -250,12 +256,15 @@ def resolve(
               None)
     oauth_url = check(lambda: _oauth_url(src, oauth=oauth, allow_insecure=allow_insecure),
                       DEFAULT_OAUTH_URL)
-    token_header, _, _ = src.first("--api-token-header", "TOKEN_HEADER")
+    token_header = check(lambda: _token_header(src), DEFAULT_TOKEN_HEADER)
     backend = check(lambda: _backend(src, paths), "native")
     fioconfig = check(lambda: _fioconfig(src), "auto")
     hsm = check(lambda: _hsm(cli, paths), None)
     timeout = check(lambda: _timeout(src), DEFAULT_TIMEOUT)
     cacert = check(lambda: _cacert(src, paths), None)
+    lmp_device_register = check(lambda: _binary(src, "--lmp-device-register",
+                                                "LMP_DEVICE_REGISTER"), None)
+    fioconfig_bin = check(lambda: _binary(src, "--fioconfig-bin", "FIOCONFIG_BIN"), None)
     problems.raise_any()
     assert device_api is not None  # else raise_any raised
 
@@ -272,13 +281,13 @@ def resolve(
         device_group=device_group,
         token=token,
         token_place=token_place,
-        token_header=token_header or DEFAULT_TOKEN_HEADER,
+        token_header=token_header,
         hsm=hsm,
         restorable_apps=_restorable_apps(src),
         backend=backend,
-        lmp_device_register=src.first("--lmp-device-register", "LMP_DEVICE_REGISTER")[0],
+        lmp_device_register=lmp_device_register,
         fioconfig=fioconfig,
-        fioconfig_bin=src.first("--fioconfig-bin", "FIOCONFIG_BIN")[0],
+        fioconfig_bin=fioconfig_bin,
         start=_start(cli, src),
         poweroff=_poweroff(cli, src),
         timeout=timeout,
@@ -353,16 +362,34 @@ def _restorable_apps(src: _Sources) -> str:
     return ",".join(a.strip() for a in value.split(",") if a.strip()) or ALL_RESTORABLE
 
 
+def _apps(src: _Sources, paths: DevicePaths) -> tuple[str, ...] | None:
+    value, _, _ = src.first("--apps", "APPS")
+    # A list with no names in it (",", " ") counts as not given, like an empty value: both
+    # backends then mean the same thing, the apps found on the device, else all apps.
+    given = tuple(a.strip() for a in (value or "").split(",") if a.strip())
+    return given or list_apps(paths.compose_apps) or None
+
+
+def _token_header(src: _Sources) -> str:
+    value, place, _ = src.first("--api-token-header", "TOKEN_HEADER")
+    return DEFAULT_TOKEN_HEADER if value is None else checked.header_name(value, place)
+
+
+def _binary(src: _Sources, flag: str, env: str) -> str | None:
+    value, place, _ = src.first(flag, env)
+    return None if value is None else checked.path(value, place)
+
+
 def _name(cli: Mapping[str, Any], src: _Sources, paths: DevicePaths) -> str | None:
     if cli.get("name"):
-        return str(cli["name"])
+        return checked.setting(str(cli["name"]), "--name")
     use_hostname, place, _ = src.first(None, "USE_HOSTNAME")
     if use_hostname is None:
         return None
     hostname = _first_line(paths.hostname)
     if hostname is None:
         raise ConfigError(f"USE_HOSTNAME is set ({place}) but {paths.hostname} is missing or empty")
-    return hostname
+    return checked.setting(hostname, str(paths.hostname))
 
 
 def _token(
@@ -375,10 +402,10 @@ def _token(
         token = _first_line(path)
         if token is None:
             raise ConfigError(f"API token file {path} (from {place}) is missing or empty")
-        return token, str(path)
+        return checked.token(token, f"{path} (from {place})"), str(path)
     token = _first_line(paths.token_file)
     if token is not None:
-        return token, str(paths.token_file)
+        return checked.token(token, str(paths.token_file)), str(paths.token_file)
     if production or by_hand:
         return None, None
     looked.append(str(paths.token_file))
@@ -418,10 +445,18 @@ def _oauth_url(src: _Sources, *, oauth: bool, allow_insecure: bool) -> str:
 
 def _hsm(cli: Mapping[str, Any], paths: DevicePaths) -> Hsm | None:
     conf = read_env_file(paths.hsm_config)
+
+    def value(flag: str, key: str, check: Callable[[str, str], str]) -> str | None:
+        given = cli.get(flag.lstrip("-").replace("-", "_"))
+        if given:
+            return check(str(given), flag)
+        found = conf.get(key)
+        return check(found, f"{key} in {HSM_CONFIG}") if found else None
+
     values = {
-        "module": cli.get("hsm_module") or conf.get("HSM_MODULE") or None,
-        "pin": cli.get("hsm_pin") or conf.get("HSM_PIN") or None,
-        "so_pin": cli.get("hsm_so_pin") or conf.get("HSM_SOPIN") or None,
+        "module": value("--hsm-module", "HSM_MODULE", checked.path),
+        "pin": value("--hsm-pin", "HSM_PIN", checked.secret),
+        "so_pin": value("--hsm-so-pin", "HSM_SOPIN", checked.secret),
     }
     if not any(values.values()):
         return None

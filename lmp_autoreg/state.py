@@ -28,10 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import checked
 from .errors import LocalFailure
-from .guard import JOURNAL
+from .guard import JOURNAL, STATE_DIR
 from .paths import DevicePaths
-from .settings import redacted_repr
+from .settings import UUID_RE, redacted_repr
 from .util import fsync_dir, random_uuid, write_atomic
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ LOCK = "lock"
 IDENTITY = "identity.json"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+# The largest state file read back: an install journal holds a verified answer (a few kB).
+MAX_STATE_FILE = 16 << 20
 # Temporary files of util.write_atomic that a killed run may leave behind.
 TEMP_RE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]*\.tmp-[0-9]+")
 
@@ -81,7 +84,7 @@ class State:
 
     def __init__(self, paths: DevicePaths) -> None:
         self.sota = paths.sota
-        self.dir = paths.state_dir
+        self.dir = paths.state_dir  # resolved inside the sysroot: reads never leave it
 
     # -- reading, without the lock --------------------------------------------------------
 
@@ -112,16 +115,24 @@ class State:
         return Journal(data["uuid"], data.get("key"), files, tuple(installs))
 
     def _load(self, name: str) -> dict | None:
+        """A state file's object, or None: missing, or damaged (logged; the attempt then
+        starts afresh and replaces it). The agent writes these files itself, as regular
+        files: a link, a FIFO or anything else there is damage too, never followed."""
         path = self.dir / name
         try:
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
+            raw = checked.read_file(path, MAX_STATE_FILE, os.O_NOFOLLOW)
+            if raw is None:
+                return None
+            data = json.loads(raw)
+        except (OSError, ValueError, RecursionError) as e:
             LOG.warning("ignoring %s: %s", path, getattr(e, "strerror", None) or e)
             return None
         if not isinstance(data, dict) or not isinstance(data.get("uuid"), str):
             LOG.warning("ignoring %s: it holds no uuid", path)
+            return None
+        if not UUID_RE.fullmatch(data["uuid"]):
+            LOG.warning("ignoring %s: its uuid %s is not of the form 8-4-4-4-12 hex digits",
+                        path, checked.shown(data["uuid"][:80]))
             return None
         if not isinstance(data.get("key"), str | dict | None):
             LOG.warning("ignoring %s: its key is not a key record", path)
@@ -138,7 +149,7 @@ class State:
         # Held open read-only: a file open for writing would keep the file system from
         # being remounted read-only (at shutdown, say) while the agent runs.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            fd = checked.open_regular(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
         except OSError as e:
             raise _failure("open the lock", path, e) from e
         try:
@@ -159,6 +170,13 @@ class State:
             os.close(fd)
 
     def _make_dir(self) -> None:
+        """Create the state dir (0700) or check it: a link where it goes is refused,
+        wherever it leads (the agent makes that directory itself; ``chmod`` through a link
+        would change another directory)."""
+        entry = self.sota / STATE_DIR
+        if entry.is_symlink():
+            raise LocalFailure(f"{entry} is a symbolic link, not the agent's own directory: "
+                               "nothing was changed; remove it and run again")
         try:
             if not self.dir.is_dir():
                 self.sota.mkdir(parents=True, exist_ok=True)
@@ -271,7 +289,7 @@ def check_aklite(paths: DevicePaths) -> None:
     """
     path = paths.aklite_lock
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = checked.open_regular(path)
     except FileNotFoundError:
         return
     except OSError as e:

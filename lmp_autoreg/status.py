@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from . import der
+from . import checked, der
 from .guard import client_cert, is_registered
 from .paths import DevicePaths
 from .state import State
@@ -24,8 +24,10 @@ def device_status(paths: DevicePaths) -> dict[str, Any]:
     # The small DER reader, not cryptography: status only shows these fields (they were
     # verified when the certificate was installed), and cryptography triples its start-up.
     try:
-        with open(client_cert(paths.sota, str(paths.sota_device)), "rb") as f:
-            data = der.pem_to_der(f.read())
+        pem = checked.read_file(client_cert(paths.sota, str(paths.sota_device)))
+        if pem is None:
+            return status
+        data = der.pem_to_der(pem)
         subject = der.subject(data)
         not_after = der.not_after(data)
     except (OSError, ValueError):
