@@ -254,7 +254,7 @@ class NotAFile(OSError):
     """Something other than a regular file (a directory, a FIFO, a device) where the agent
     reads a file; raised before anything could block on it."""
 
-    def __init__(self, path: "str | os.PathLike[str]", kind: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
         super().__init__(f"{os.fspath(path)} is a {kind}, not a regular file")
         self.strerror = f"a {kind}, not a regular file"
         self.filename = os.fspath(path)
@@ -271,7 +271,7 @@ def kind(mode: int) -> str:
     return "special file"
 
 
-def open_regular(path: "str | os.PathLike[str]", flags: int = os.O_RDONLY, mode: int = 0o600,
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: int = 0o600,
                  ) -> int:
     """A descriptor of the regular file at ``path``, opened so that nothing can block:
     ``O_NONBLOCK`` (a FIFO opens at once, with no writer), then ``fstat`` on what was
@@ -289,7 +289,7 @@ def open_regular(path: "str | os.PathLike[str]", flags: int = os.O_RDONLY, mode:
     return fd
 
 
-def read_file(path: "str | os.PathLike[str]", limit: int = MAX_DEVICE_FILE, flags: int = 0,
+def read_file(path: str | os.PathLike[str], limit: int = MAX_DEVICE_FILE, flags: int = 0,
               ) -> bytes | None:
     """The bytes of the regular file at ``path``; None when there is nothing there.
 

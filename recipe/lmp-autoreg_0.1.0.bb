@@ -20,7 +20,7 @@ CVE_PRODUCT = "lmp-autoreg"
 LMP_AUTOREG_GIT_URI ?= "git://git.example.com/lmp-autoreg.git;protocol=https;branch=main"
 PV = "0.1.0+git"
 SRC_URI = "${LMP_AUTOREG_GIT_URI}"
-SRCREV = "8b66f4809402160818c1fc2895c1b540ca640a26"
+SRCREV = "93d99ba5669ab17a29f726dc69b350f877041c74"
 
 inherit python_setuptools_build_meta systemd
 
