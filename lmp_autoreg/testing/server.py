@@ -422,7 +422,7 @@ class _Loopback(ABC):
     :class:`_HTTPServer`, TLS files in a real temporary directory, and the life cycle
     (:meth:`start` / :meth:`stop` or a context manager)."""
 
-    #: What the error of :attr:`port` before :meth:`start` calls it.
+    #: How :attr:`port` names the service when it is asked before :meth:`start`.
     _what = "server"
     _handler_class: type[_Handler] = _Handler
     _httpd: _HTTPServer | None
