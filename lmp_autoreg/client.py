@@ -156,17 +156,8 @@ class _Exchange:
             )
             self.response = response
             self.content = _read_body(response, lambda: self.abandoned)
-        except requests.exceptions.SSLError as e:
-            hint = "" if self.verify is not True else " (for a private CA, pass --cacert)"
-            raise NoAnswer(f"TLS certificate check of {url} failed: {_reason(e)}{hint}") from e
-        except requests.exceptions.ConnectTimeout as e:
-            raise Unreachable(f"cannot reach {url} within {timeout:.1f} s") from e
-        except requests.exceptions.Timeout as e:
-            raise NoAnswer(f"no answer from {url} within {timeout:.1f} s") from e
-        except requests.exceptions.ConnectionError as e:
-            raise Unreachable(f"cannot reach {url}: {_reason(e)}") from e
         except requests.exceptions.RequestException as e:
-            raise NoAnswer(f"broken answer from {url}: {_reason(e)}") from e
+            raise request_failure(e, url, timeout, self.verify) from e
         # Reading the body from ``response.raw`` goes past requests, to urllib3.
         except urllib3.exceptions.ReadTimeoutError as e:
             raise NoAnswer(f"no answer from {url} within {timeout:.1f} s") from e
@@ -219,6 +210,23 @@ def _classify(response: requests.Response, content: bytes, token: str | None) ->
     if 400 <= status < 500:
         raise ServerRefused(f"server refused the registration (HTTP {status}): {message}", status)
     raise BadAnswer(f"unexpected answer HTTP {status} (expected 201): {message}")
+
+
+def request_failure(
+    error: requests.exceptions.RequestException, url: str, timeout: float, verify: str | bool
+) -> NoAnswer | Unreachable:
+    """What a request to ``url`` of at most ``timeout`` s that requests ended with ``error``
+    means: the server was not reached (``Unreachable``) or gave no usable answer."""
+    if isinstance(error, requests.exceptions.SSLError):
+        hint = "" if verify is not True else " (for a private CA, pass --cacert)"
+        return NoAnswer(f"TLS certificate check of {url} failed: {_reason(error)}{hint}")
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return Unreachable(f"cannot reach {url} within {timeout:.1f} s")
+    if isinstance(error, requests.exceptions.Timeout):
+        return NoAnswer(f"no answer from {url} within {timeout:.1f} s")
+    if isinstance(error, requests.exceptions.ConnectionError):
+        return Unreachable(f"cannot reach {url}: {_reason(error)}")
+    return NoAnswer(f"broken answer from {url}: {_reason(error)}")
 
 
 def _reason(error: Exception) -> str:

@@ -247,6 +247,8 @@ class FormClient:
         ``Unreachable``/``NoAnswer`` when no answer came."""
         import requests
 
+        from .client import request_failure
+
         url = self.base + path
         try:
             response = self.session.post(
@@ -254,17 +256,8 @@ class FormClient:
                 headers={"Accept": "application/json", "User-Agent": USER_AGENT},
                 verify=self.verify, allow_redirects=False,
             )
-        except requests.exceptions.ConnectTimeout as e:
-            raise Unreachable(f"cannot reach {url} within {timeout:.1f} s") from e
-        except requests.exceptions.SSLError as e:
-            raise NoAnswer(f"TLS certificate check of {url} failed (for a private CA, "
-                           "pass --cacert)") from e
-        except requests.exceptions.Timeout as e:
-            raise NoAnswer(f"no answer from {url} within {timeout:.1f} s") from e
-        except requests.exceptions.ConnectionError as e:
-            raise Unreachable(f"cannot reach {url}") from e
         except requests.exceptions.RequestException as e:
-            raise NoAnswer(f"broken answer from {url}: {type(e).__name__}") from e
+            raise request_failure(e, url, timeout, self.verify) from e
         return response.status_code, response.content, _retry_after(response)
 
 

@@ -1,8 +1,12 @@
 """The request on the wire (docs/spec.md section 2), as the test kit's server receives it."""
 
+import pytest
+import requests
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from lmp_autoreg.client import request_failure
+from lmp_autoreg.errors import NoAnswer, Unreachable
 from lmp_autoreg.identity import name_string
 from lmp_autoreg.testing.device import FakeDevice
 
@@ -91,3 +95,29 @@ def test_restorable_apps_off(device_root, registration_server):
     for request in registration_server.requests:
         pacman = request.json["overrides"]["pacman"]
         assert "reset_apps" not in pacman and pacman["reset_apps_root"]
+
+
+URL = "https://192.0.2.1/sign"
+REFUSED = ConnectionRefusedError(111, "Connection refused")
+
+
+@pytest.mark.parametrize(("error", "kind", "message"), [
+    (requests.exceptions.ConnectTimeout("t"), Unreachable, f"cannot reach {URL} within 2.5 s"),
+    (requests.exceptions.ConnectionError(REFUSED), Unreachable,
+     f"cannot reach {URL}: [Errno 111] Connection refused"),
+    (requests.exceptions.ReadTimeout("t"), NoAnswer, f"no answer from {URL} within 2.5 s"),
+    (requests.exceptions.SSLError("certificate verify failed"), NoAnswer,
+     f"TLS certificate check of {URL} failed: certificate verify failed "
+     "(for a private CA, pass --cacert)"),
+    (requests.exceptions.ChunkedEncodingError("bad chunk"), NoAnswer,
+     f"broken answer from {URL}: bad chunk"),
+])
+def test_a_request_error_is_unreachable_only_without_a_connection(error, kind, message):
+    failure = request_failure(error, URL, 2.5, True)
+    assert type(failure) is kind and str(failure) == message
+
+
+def test_the_cacert_hint_is_left_out_when_a_cacert_is_given():
+    error = requests.exceptions.SSLError("certificate verify failed")
+    failure = request_failure(error, URL, 2.5, "/etc/ca.pem")
+    assert str(failure) == f"TLS certificate check of {URL} failed: certificate verify failed"

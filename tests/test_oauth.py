@@ -127,13 +127,19 @@ def test_slow_down_adds_five_seconds_for_good(serve, device):
     assert run.json["oauth"]["interval"] == 6.0
 
 
-def test_expired_token_ends_the_flow(serve, device):
-    server, _ = serve(expire_after=2)
+@pytest.mark.parametrize(
+    ("knob", "code", "state", "kind"),
+    [("expire_after", 5, "expired", "no-answer"), ("deny_after", 4, "denied", "refused")],
+    ids=["expired-token-is-no-answer", "denied-is-a-refusal"],
+)
+def test_the_servers_verdict_ends_the_flow(serve, device, knob, code, state, kind):
+    """expired_token or access_denied at the second poll ends the flow there, unregistered."""
+    server, _ = serve(**{knob: 2})
     run = run_cli(*by_hand(device, server))
-    assert run.returncode == 5, run.stderr
-    assert run.json["oauth"]["state"] == "expired"
-    assert run.json["error"]["kind"] == "no-answer"
-    assert "expired" in run.json["error"]["message"]
+    assert run.returncode == code, run.stderr
+    assert run.json["oauth"]["state"] == state
+    assert run.json["error"]["kind"] == kind
+    assert state in run.json["error"]["message"]
     assert len(polls(server)) == 2
     assert registrations(server) == []
 
@@ -147,16 +153,6 @@ def test_the_codes_lifetime_ends_the_flow(serve, device):
     # The agent stops polling once the code cannot be approved any more: every poll came
     # within its lifetime, so the server never had to answer expired_token.
     assert polls(server) and all(r.time < issued + 2.5 for r in polls(server))
-
-
-def test_denied_is_a_refusal(serve, device):
-    server, _ = serve(deny_after=2)
-    run = run_cli(*by_hand(device, server))
-    assert run.returncode == 4, run.stderr
-    assert run.json["oauth"]["state"] == "denied"
-    assert run.json["error"]["kind"] == "refused"
-    assert "denied" in run.json["error"]["message"]
-    assert registrations(server) == []
 
 
 def with_timeout(args: list[str], seconds: str) -> list[str]:

@@ -27,8 +27,6 @@ import base64
 import email.utils
 import json
 import logging
-import os
-import shutil
 import ssl
 import tempfile
 import threading
@@ -37,7 +35,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,17 +45,18 @@ from lmp_autoreg.testing._realdisk import real_disk
 from lmp_autoreg.testing.ca import ThrowawayCA, subject_value
 from lmp_autoreg.testing.ecies import encrypt
 from lmp_autoreg.testing.server import (
-    Headers,
+    _WILDCARDS,
     RecordedRequest,
     Reply,
     _Handler,
     _HTTPServer,
+    _Loopback,
+    url_host,
 )
 
 LOG = logging.getLogger(__name__)
 
 CONFIG_PATH = "/config"
-_JOIN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -110,9 +109,12 @@ class _GatewayHandler(_Handler):
         self.server.kit._handle(self)
 
 
-class DeviceGateway:
+class DeviceGateway(_Loopback):
     """The device gateway on a loopback port, served from a background thread; see the
     module documentation. Use it as a context manager or :meth:`start` / :meth:`stop`."""
+
+    _what = "gateway"
+    _handler_class = _GatewayHandler
 
     def __init__(
         self,
@@ -137,40 +139,19 @@ class DeviceGateway:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         names = list(tls_names)
-        hosts = ["127.0.0.1", "localhost", "::1", *names]
-        if host not in ("0.0.0.0", "::"):
-            hosts.insert(0, host)
         #: The host ``url`` names: ``host``, or for a wildcard the first of ``tls_names``.
-        self.public_host = host if host not in ("0.0.0.0", "::") else (names or [host])[0]
-        cert_pem, key_pem = ca.server_cert(hosts)
+        self.public_host = host if host not in _WILDCARDS else (names or [host])[0]
         with real_disk():
             self._tmpdir = Path(tempfile.mkdtemp(prefix="lmp-autoreg-gateway-"))
-            cert_file = self._tmpdir / "gateway.crt"
-            key_file = self._tmpdir / "gateway.key"
-            cert_file.write_text(cert_pem, encoding="ascii")
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(key_pem)
-            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._ssl.load_cert_chain(cert_file, key_file)
+            self._ssl = self._tls_context(ca, host, names, "gateway")
         self._ssl.verify_mode = ssl.CERT_REQUIRED  # only devices of this factory
         devices = device_ca or ca
         self._ssl.load_verify_locations(cadata=devices.cert_pem + devices.intermediate_pem)
 
     # -- life cycle -------------------------------------------------------------------
 
-    def start(self) -> DeviceGateway:
-        httpd = _HTTPServer((self.host, self._port), self)  # type: ignore[arg-type]
-        httpd.RequestHandlerClass = _GatewayHandler
-        try:
-            httpd.server_bind()
-        except BaseException:
-            httpd.server_close()
-            raise
-        httpd.socket = self._ssl.wrap_socket(
-            httpd.socket, server_side=True, do_handshake_on_connect=False
-        )
-        self._httpd = httpd
+    def start(self) -> Self:
+        httpd = self._bind(self.host, self._port, self._ssl)
         if self.listening:
             httpd.server_activate()
             self._thread = threading.Thread(
@@ -185,41 +166,15 @@ class DeviceGateway:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        httpd = self._httpd
-        if httpd is not None:
-            if self._thread is not None:
-                httpd.shutdown()
-            httpd.server_close()
-            deadline = time.monotonic() + _JOIN_TIMEOUT
-            for thread in [*([self._thread] if self._thread else []), *httpd.handler_threads]:
-                thread.join(max(0.0, deadline - time.monotonic()))
-        with real_disk():
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-    def __enter__(self) -> DeviceGateway:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._close(self._thread is not None, [self._thread] if self._thread else [])
+        self._remove_files()
 
     # -- what tests read and steer ----------------------------------------------------
 
     @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the gateway is not started")
-        return int(self._httpd.server_address[1])
-
-    @property
     def url(self) -> str:
         """The gateway's base URL, as ``tls.server`` in ``sota.toml`` names it."""
-        host = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
-        return f"https://{host}:{self.port}"
+        return f"https://{url_host(self.public_host)}:{self.port}"
 
     def set_config(
         self, device: str | None, files: Mapping[str, ConfigFile | str]
@@ -258,33 +213,17 @@ class DeviceGateway:
     # -- serving ----------------------------------------------------------------------
 
     def _handle(self, handler: _Handler) -> None:
-        body = handler.read_body()
-        try:
-            parsed = json.loads(body) if body else None
-        except ValueError:
-            parsed = None
+        record = handler.record()
         der = handler.request.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der)
         device = subject_value(cert.subject, NameOID.COMMON_NAME)
-        record = RecordedRequest(
-            method=handler.command,
-            path=handler.path,
-            headers=Headers(handler.headers.items()),
-            body=body,
-            json=parsed if isinstance(parsed, dict) else None,
-            time=time.monotonic(),
-        )
         with self._lock:
             self._requests.append(GatewayRequest(record, device))
             self._arrived.notify_all()
             reply = self._queue.popleft() if self._queue else None
             config = self._configs.get(device, self._configs.get(None))
         if reply is not None:
-            if reply.delay > 0 and self._stopping.wait(reply.delay):
-                handler.close_connection = True
-                return
-            if reply.close:
-                handler.close_connection = True
+            if self._hang_up(handler, reply):
                 return
             if reply.body is not None or not 200 <= reply.status < 300:
                 raw = reply.body if reply.body is not None else b"gateway fault"

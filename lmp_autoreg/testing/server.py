@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -57,6 +58,8 @@ GROUP_REFUSAL = "Registration-reference does not support 'group' field"
 _JOIN_TIMEOUT = 5.0
 # A client that connects but sends nothing is dropped after this many seconds.
 _HANDLER_SOCKET_TIMEOUT = 10.0
+# Hosts that listen on every address: not a name a certificate or URL can carry.
+_WILDCARDS = ("0.0.0.0", "::")
 
 FilesEdit = Callable[[dict[str, str]], dict[str, str]]
 
@@ -297,9 +300,9 @@ class _HTTPServer(ThreadingHTTPServer):
     """Serves with one daemon thread per connection; the threads are tracked for stop()."""
 
     daemon_threads = True
-    kit: RegistrationServer
+    kit: _Loopback
 
-    def __init__(self, address: tuple[str, int], kit: RegistrationServer) -> None:
+    def __init__(self, address: tuple[str, int], kit: _Loopback) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.kit = kit
@@ -359,6 +362,22 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
+    def record(self) -> RecordedRequest:
+        """Read the request's body: the request as it arrived."""
+        body = self.read_body()
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        return RecordedRequest(
+            method=self.command,
+            path=self.path,
+            headers=Headers(self.headers.items()),
+            body=body,
+            json=parsed if isinstance(parsed, dict) else None,
+            time=time.monotonic(),
+        )
+
     def send_bytes(
         self,
         status: int,
@@ -393,7 +412,113 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class RegistrationServer:
+def url_host(host: str) -> str:
+    """``host`` as a URL names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+class _Loopback(ABC):
+    """What the registration server and the device gateway share: a port served by
+    :class:`_HTTPServer`, TLS files in a real temporary directory, and the life cycle
+    (:meth:`start` / :meth:`stop` or a context manager)."""
+
+    #: How :attr:`port` names the service when it is asked before :meth:`start`.
+    _what = "server"
+    _handler_class: type[_Handler] = _Handler
+    _httpd: _HTTPServer | None
+    _tmpdir: Path
+    _stopping: threading.Event
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    @abstractmethod
+    def _handle(self, handler: _Handler) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError(f"the {self._what} is not started")
+        return int(self._httpd.server_address[1])
+
+    def _tls_context(
+        self, ca: ThrowawayCA, host: str, tls_names: Iterable[str], stem: str
+    ) -> ssl.SSLContext:
+        """A server context for a certificate of ``ca`` that names ``host`` (unless a
+        wildcard), the loopback names and ``tls_names``; its certificate and key (0600) are
+        written to the temporary directory as ``stem``.crt and .key (call under
+        ``real_disk()``)."""
+        hosts = ["127.0.0.1", "localhost", "::1", *tls_names]
+        if host not in _WILDCARDS:
+            hosts.insert(0, host)
+        cert_pem, key_pem = ca.server_cert(hosts)
+        cert_file = self._tmpdir / f"{stem}.crt"
+        key_file = self._tmpdir / f"{stem}.key"
+        cert_file.write_text(cert_pem, encoding="ascii")
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(key_pem)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert_file, key_file)
+        return context
+
+    def _bind(self, host: str, port: int, context: ssl.SSLContext | None) -> _HTTPServer:
+        """Bind the port (not listening yet), wrapped in ``context`` when there is one."""
+        httpd = _HTTPServer((host, port), self)
+        httpd.RequestHandlerClass = self._handler_class
+        try:
+            httpd.server_bind()
+        except BaseException:
+            httpd.server_close()
+            raise
+        if context is not None:
+            httpd.socket = context.wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._httpd = httpd
+        return httpd
+
+    def _close(self, serving: bool, threads: Iterable[threading.Thread]) -> None:
+        """Stop serving, close the port, and wait (at most ``_JOIN_TIMEOUT`` in all) for
+        ``threads`` and the handler threads still writing an answer."""
+        httpd = self._httpd
+        if httpd is not None:
+            if serving:
+                httpd.shutdown()
+            httpd.server_close()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        handlers = list(httpd.handler_threads) if httpd is not None else []
+        for thread in [*threads, *handlers]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _remove_files(self) -> None:
+        with real_disk():
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _hang_up(self, handler: _Handler, reply: Reply) -> bool:
+        """Wait out ``reply.delay``; whether the connection is to close without an answer
+        (``reply.close``, or the server stopped during the wait)."""
+        if (reply.delay > 0 and self._stopping.wait(reply.delay)) or reply.close:
+            handler.close_connection = True
+            return True
+        return False
+
+
+class RegistrationServer(_Loopback):
     """A registration server on a loopback port, served from a background thread.
 
     Use it as a context manager or call :meth:`start` and :meth:`stop`. See the module
@@ -466,18 +591,7 @@ class RegistrationServer:
                 self.ca = ThrowawayCA.load_or_create(state_dir, factory)
                 self.ca_file = Path(state_dir) / ROOT_CERT
             if tls:
-                hosts = ["127.0.0.1", "localhost", "::1", *tls_names]
-                if host not in ("0.0.0.0", "::"):
-                    hosts.insert(0, host)
-                cert_pem, key_pem = self.ca.server_cert(hosts)
-                cert_file = self._tmpdir / "server.crt"
-                key_file = self._tmpdir / "server.key"
-                cert_file.write_text(cert_pem, encoding="ascii")
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w", encoding="ascii") as handle:
-                    handle.write(key_pem)
-                self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                self._ssl.load_cert_chain(cert_file, key_file)
+                self._ssl = self._tls_context(self.ca, host, tls_names, "server")
         #: With ``gateway=DeviceGateway`` (``lmp_autoreg.testing.gateway``): the device
         #: gateway that the ``sota.toml`` it sends names in ``tls.server``, made with the
         #: same CA, host and names, started and stopped with the server.
@@ -487,7 +601,7 @@ class RegistrationServer:
 
     # -- life cycle -------------------------------------------------------------------
 
-    def start(self) -> RegistrationServer:
+    def start(self) -> Self:
         """Bind the port; listen now, after ``listen_delay`` seconds in a thread, or, when
         ``listen_delay`` is None, once :meth:`listen` is called."""
         if self._started:
@@ -495,17 +609,7 @@ class RegistrationServer:
         self._started = True
         if self.gateway is not None:
             self.gateway.start()
-        httpd = _HTTPServer((self.host, self._port), self)
-        try:
-            httpd.server_bind()
-        except BaseException:
-            httpd.server_close()
-            raise
-        if self._ssl is not None:
-            httpd.socket = self._ssl.wrap_socket(
-                httpd.socket, server_side=True, do_handshake_on_connect=False
-            )
-        self._httpd = httpd
+        self._bind(self.host, self._port, self._ssl)
         if self.listen_delay is None:
             pass
         elif self.listen_delay <= 0:
@@ -552,45 +656,18 @@ class RegistrationServer:
                 return
             self._stopping.set()
             serving = self._serving
-        httpd = self._httpd
-        if httpd is not None:
-            if serving:
-                httpd.shutdown()
-            httpd.server_close()
-        deadline = time.monotonic() + _JOIN_TIMEOUT
-        handlers = list(httpd.handler_threads) if httpd is not None else []
-        for thread in [*self._threads, *handlers]:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._close(serving, self._threads)
         if self.gateway is not None:
             self.gateway.stop()
-        with real_disk():
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-    def __enter__(self) -> RegistrationServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._remove_files()
 
     # -- what tests read and steer ----------------------------------------------------
 
     @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the server is not started")
-        return int(self._httpd.server_address[1])
-
-    @property
     def url(self) -> str:
         """The registration URL, e.g. ``http://127.0.0.1:PORT/sign``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
         scheme = "https" if self.tls else "http"
-        return f"{scheme}://{host}:{self.port}{self.path}"
+        return f"{scheme}://{url_host(self.host)}:{self.port}{self.path}"
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -637,19 +714,7 @@ class RegistrationServer:
     # -- serving ----------------------------------------------------------------------
 
     def _handle(self, handler: _Handler) -> None:
-        body = handler.read_body()
-        try:
-            parsed = json.loads(body) if body else None
-        except ValueError:
-            parsed = None
-        record = RecordedRequest(
-            method=handler.command,
-            path=handler.path,
-            headers=Headers(handler.headers.items()),
-            body=body,
-            json=parsed if isinstance(parsed, dict) else None,
-            time=time.monotonic(),
-        )
+        record = handler.record()
         with self._lock:
             self._requests.append(record)
             self._arrived.notify_all()
@@ -667,11 +732,7 @@ class RegistrationServer:
             allow = {"Allow": "POST"} if status == 405 else {}
             handler.send_bytes(status, b"", "text/plain; charset=utf-8", allow)
             return
-        if reply.delay > 0 and self._stopping.wait(reply.delay):
-            handler.close_connection = True
-            return
-        if reply.close:
-            handler.close_connection = True
+        if self._hang_up(handler, reply):
             return
         status, payload, content_type = self._answer(record, reply)
         LOG.info("%s %s -> %d", record.method, record.path, status)
