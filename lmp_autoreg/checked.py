@@ -322,11 +322,18 @@ def decode(data: bytes) -> str:
 
 
 def shown(value: str) -> str:
-    """``value`` for a message: quoted, every byte that is not printable UTF-8 escaped."""
+    """``value`` for a message: quoted, every byte that is not printable UTF-8 escaped.
+
+    Bytes that the file system or the command line gave as surrogates show as the bytes
+    they were; a surrogate no byte stands for (JSON can carry ``"\\ud800"``) as an escape.
+    """
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return repr(value.encode("utf-8", "surrogateescape"))[1:]
+        try:
+            return repr(value.encode("utf-8", "surrogateescape"))[1:]
+        except UnicodeEncodeError:
+            return ascii(value)
     return ascii(value) if any(_is_control(c) for c in value) else repr(value)
 
 

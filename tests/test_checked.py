@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmp_autoreg import checked
 from lmp_autoreg.errors import ConfigError
@@ -74,6 +76,19 @@ def test_a_setting_of_printable_utf8_is_taken_as_it_is():
 def test_bytes_that_are_not_utf8_are_shown_as_bytes():
     assert checked.shown("x\udcff") == "'x\\xff'"
     assert checked.shown("a\x7f") == "'a\\x7f'"
+
+
+def test_a_lone_surrogate_no_byte_stands_for_is_shown_escaped():
+    # JSON can carry one ("\ud800"); surrogateescape has no byte for it.
+    assert checked.shown("x\ud800") == "'x\\ud800'"
+
+
+# Hypothesis's characters() leaves out surrogates: mixed in, both kinds (escaped bytes too).
+@given(st.text(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr))))
+def test_any_text_is_shown_as_printable_utf8(value):
+    text = checked.shown(value)
+    text.encode("utf-8")
+    assert not any(c < " " or "\x7f" <= c < "\xa0" for c in text)
 
 
 @pytest.mark.parametrize(("value", "why"), [
@@ -181,7 +196,7 @@ def test_a_token_header_http_cannot_carry_is_exit_2(device_root, registration_se
 
 # --- a damaged pending identity is replaced ------------------------------------------------
 
-@pytest.mark.parametrize("uuid", ["", "a" * 70, "not-a-uuid"])
+@pytest.mark.parametrize("uuid", ["", "a" * 70, "not-a-uuid", "\ud800"])
 def test_a_pending_identity_with_a_bad_uuid_is_replaced(device_root, registration_server, uuid):
     state = device_root.sota / ".lmp-autoreg"
     state.mkdir(mode=0o700)
