@@ -56,6 +56,7 @@ MAX_CODE = 4096
 MAX_SHOWN = 512
 MESSAGE_LIMIT = 200
 USER_AGENT = f"lmp-device-auto-register/{__version__}"
+_VSCHARS = re.compile(r"[\x20-\x7e]+")
 _URL = re.compile(r"https?://[^\s\x00-\x1f\x7f-\x9f]+")
 
 
@@ -124,6 +125,14 @@ def _showable(value: object, limit: int = MAX_SHOWN) -> str | None:
     return None
 
 
+def _code(value: object) -> str | None:
+    """A device code or an access token: 1*VSCHAR, printable ASCII (RFC 8628 appendix A,
+    RFC 6749 appendix A.17), what a form and a header carry as it is."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_CODE and _VSCHARS.fullmatch(value):
+        return value
+    return None
+
+
 def _link(value: object) -> str | None:
     """An http(s) URL fit to show a person, else None."""
     shown = _showable(value)
@@ -165,8 +174,8 @@ def read_authorization(
     if data is None:
         raise BadAnswer("the device authorization answer is not a JSON object")
     problems = []
-    device_code = data.get("device_code")
-    if not (isinstance(device_code, str) and 0 < len(device_code) <= MAX_CODE):
+    device_code = _code(data.get("device_code"))
+    if device_code is None:
         problems.append("device_code")
     user_code = _showable(data.get("user_code"), 64)
     if user_code is None:
@@ -195,8 +204,8 @@ def read_token_answer(
     """What one answer of the token endpoint means (RFC 8628 section 3.5)."""
     data = _object(body)
     if status_code == 200:
-        token = data.get("access_token") if data is not None else None
-        if isinstance(token, str) and 0 < len(token) <= MAX_CODE:
+        token = _code(data.get("access_token")) if data is not None else None
+        if token is not None:
             return Poll("granted", token=token)
         return Poll("retry", detail="the token endpoint said 200 without a usable access_token")
     error = data.get("error") if data is not None else None

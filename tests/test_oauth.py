@@ -428,8 +428,11 @@ def test_kit_serve_prints_the_code_and_activate_approves(tmp_path):
 
 # -- bad answers (properties) ----------------------------------------------------------
 
+# JSON carries any code point, a lone surrogate too (which Hypothesis's text leaves out).
+JSON_TEXT = st.text(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr)),
+                    max_size=20)
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats() | JSON_TEXT,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=3),
     max_leaves=6,
@@ -463,6 +466,7 @@ def test_any_device_authorization_answer_is_a_code_or_a_documented_error(status,
     assert oauth.poll_wait(auth.interval) >= oauth.MIN_INTERVAL
     for shown in (auth.user_code, auth.verification_uri, auth.verification_uri_complete or ""):
         assert shown.isprintable()
+    assert auth.device_code.isascii() and auth.device_code.isprintable()  # a form carries it
 
 
 @pytest.mark.props
@@ -471,8 +475,24 @@ def test_any_token_answer_is_one_of_the_rfcs_outcomes(status, body):
     poll = oauth.read_token_answer(status, body, device_code="secret-device-code")
     assert poll.kind in ("granted", "pending", "slow_down", "denied", "expired", "retry")
     assert (poll.kind == "granted") == (poll.token is not None)
+    assert poll.token is None or (poll.token.isascii() and poll.token.isprintable())
     assert poll.kind in ("granted", "retry") or 400 <= status < 500
     assert "secret-device-code" not in poll.detail
+
+
+@pytest.mark.props
+@given(value=JSON_TEXT)
+def test_a_code_or_token_is_taken_only_as_printable_ascii(value):
+    usable = value != "" and all(" " <= c <= "~" for c in value)
+    poll = oauth.read_token_answer(200, json.dumps({"access_token": value}).encode())
+    assert (poll.kind == "granted") == usable
+    code = {"device_code": value, "user_code": "ABCD-EFGH", "expires_in": 900,
+            "verification_uri": "https://app.example/activate"}
+    try:
+        assert oauth.read_authorization(200, json.dumps(code).encode()).device_code == value
+        assert usable
+    except BadAnswer:
+        assert not usable
 
 
 @pytest.mark.props
@@ -494,6 +514,30 @@ def test_a_run_against_bad_answers_ends_with_a_documented_code_in_time(tmp_path_
     assert requests[-1].time - requests[0].time < 3.0
     assert_no_secret(authority, run.stdout, run.stderr)
     assert Path(dev.sota / "client.pem").exists() == (run.returncode == 0)
+
+
+# RFC 8628 appendix A and RFC 6749 appendix A.17: a device code and an access token are
+# 1*VSCHAR (printable ASCII). JSON can carry anything else, a lone surrogate included.
+@pytest.mark.parametrize("value", ["\ud800", "t\u00f6ken", "tab\tx", ""])
+@pytest.mark.parametrize("field", ["device_code", "access_token"])
+def test_a_code_or_token_http_cannot_carry_is_a_bad_answer(tmp_path_factory, field, value):
+    root = tmp_path_factory.mktemp("device")
+    dev = FakeDevice(root, token=None).build()
+    authority = OAuthAuthority(interval=1, approve_after=1)
+    code = {"device_code": "dc", "user_code": "ABCD-EFGH", "expires_in": 900, "interval": 1,
+            "verification_uri": "https://app.example/activate"}
+    bad = [(200, json.dumps({**code, field: value}))] * 20  # every answer, to the deadline
+    if field == "device_code":
+        authority.script_device(*bad)
+    else:
+        authority.script_device((200, json.dumps(code)))
+        authority.script_token(*[(200, json.dumps({field: value}))] * 20)
+    with RegistrationServer(oauth=authority) as server:
+        run = run_cli(*with_timeout(by_hand(dev, server), "3"), timeout=30)
+    assert run.returncode == 5, run.stderr
+    assert run.json["exit_code"] == 5 and "Traceback" not in run.stderr
+    assert field in run.json["error"]["message"]
+    assert not Path(dev.sota / "client.pem").exists()
 
 
 def test_the_hand_off_gives_the_token_once_to_the_one_client_that_knows_the_path():
