@@ -20,7 +20,7 @@ CVE_PRODUCT = "lmp-autoreg"
 LMP_AUTOREG_GIT_URI ?= "git://git.example.com/lmp-autoreg.git;protocol=https;branch=main"
 PV = "0.1.0+git"
 SRC_URI = "${LMP_AUTOREG_GIT_URI}"
-SRCREV = "93d99ba5669ab17a29f726dc69b350f877041c74"
+SRCREV = "2f40971558afcce72ddc7ffdfff3b5c72b12f168"
 
 inherit python_setuptools_build_meta systemd
 
