@@ -56,7 +56,6 @@ MAX_CODE = 4096
 MAX_SHOWN = 512
 MESSAGE_LIMIT = 200
 USER_AGENT = f"lmp-device-auto-register/{__version__}"
-_VSCHARS = re.compile(r"[\x20-\x7e]+")
 _URL = re.compile(r"https?://[^\s\x00-\x1f\x7f-\x9f]+")
 
 
@@ -128,9 +127,8 @@ def _showable(value: object, limit: int = MAX_SHOWN) -> str | None:
 def _code(value: object) -> str | None:
     """A device code or an access token: 1*VSCHAR, printable ASCII (RFC 8628 appendix A,
     RFC 6749 appendix A.17), what a form and a header carry as it is."""
-    if isinstance(value, str) and 0 < len(value) <= MAX_CODE and _VSCHARS.fullmatch(value):
-        return value
-    return None
+    code = _showable(value, MAX_CODE)
+    return code if code is not None and code.isascii() else None
 
 
 def _link(value: object) -> str | None:
