@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 # Hypothesis profiles (docs/reliability.md, "Bad input"). "default", for `make test`: a fixed
 # seed and few examples, so a run is repeatable and within the suite's time budget. "long",
@@ -29,6 +30,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def any_text(max_size: int | None = None) -> st.SearchStrategy[str]:
+    """Any text JSON can carry or ``os.fsdecode`` can give: lone surrogates included, which
+    Hypothesis's ``text()`` leaves out."""
+    return st.text(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr)),
+                   max_size=max_size)
 
 # Settings the agent reads from the environment: a test starts from none of them.
 AGENT_ENV = (

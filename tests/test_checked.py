@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 from lmp_autoreg import checked
 from lmp_autoreg.errors import ConfigError
 from lmp_autoreg.testing.server import Reply
 
-from conftest import clean_env, require_tool
+from conftest import any_text, clean_env, require_tool
 
 # Far above the agent's start-up on a loaded machine; a FIFO that blocks would outlast it.
 DEADLINE = "10"
@@ -83,8 +82,7 @@ def test_a_lone_surrogate_no_byte_stands_for_is_shown_escaped():
     assert checked.shown("x\ud800") == "'x\\ud800'"
 
 
-# Hypothesis's characters() leaves out surrogates: mixed in, both kinds (escaped bytes too).
-@given(st.text(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr))))
+@given(any_text())
 def test_any_text_is_shown_as_printable_utf8(value):
     text = checked.shown(value)
     text.encode("utf-8")

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.server import Reply
 
-from conftest import clean_env, require_tool
+from conftest import any_text, clean_env, require_tool
 
 # Each case runs the agent: with `make test`'s fixed-seed profile a dozen per family; with
 # the long one (`make test-long`, tests/conftest.py) its own count, at least 2000.
@@ -121,9 +121,7 @@ env_lines = st.lists(
 ).map(lambda pairs: b"".join(
     k.encode() + b"=" + (v if isinstance(v, bytes) else v.encode(errors="surrogateescape"))
     + b"\n" for k, v in pairs))
-# JSON carries any code point, a lone surrogate too (which Hypothesis's text leaves out).
-json_text = st.text(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr)),
-                    max_size=30)
+json_text = any_text(max_size=30)  # JSON carries a lone surrogate too
 identities = st.fixed_dictionaries({
     "uuid": st.one_of(st.sampled_from(["", "a" * 70, "12345678-1234-1234-1234-123456789abc",
                                        "x\ud800", "\udcff"]), json_text),
