@@ -17,7 +17,14 @@ directory, so a board registered against one run still trusts the next. Each req
 logged on stderr. With ``--gateway`` it also serves a device gateway (``GET``/``PATCH
 /config`` for fioconfig, requiring the devices' client certificates), named in the
 ``sota.toml`` of every registration, and prints a line ``gateway: URL``;
-``--config-dir DIR`` gives every device the files of DIR (encrypted to its key).
+``--config-dir DIR`` gives every device the files of DIR (encrypted to its key), and the
+devices the devices API holds in group G the files of ``DIR/groups/G/`` too.
+
+With ``--devices-api`` it also serves the Foundries devices API under ``/ota/devices/``,
+requiring the token of ``--api-token`` or ``--api-token-file``, and prints ``api: URL``; it
+keeps the devices in the state directory. ``--partially-detached`` makes ``/sign`` create
+each device in that API (or in the one at ``--upstream-api``) in ``--device-group``
+before it answers, as factory-registration-ref does with an API token.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmp_autoreg.testing.gateway import DeviceGateway
 
 LOG = logging.getLogger(__name__)
 
@@ -40,13 +51,26 @@ def _read_token(path: str) -> str:
         return handle.readline().strip()
 
 
-def _config_files(directory: Path) -> dict[str, str]:
-    """The files of ``directory`` (and below it) by relative name."""
+GROUPS = "groups"
+
+
+def _config_files(directory: Path, skip: Path | None = None) -> dict[str, str]:
+    """The files of ``directory`` (and below it, but not below ``skip``) by relative name."""
     return {
         str(path.relative_to(directory)): path.read_text(encoding="utf-8")
         for path in sorted(directory.rglob("*"))
-        if path.is_file()
+        if path.is_file() and (skip is None or not path.is_relative_to(skip))
     }
+
+
+def _serve_config(gateway: DeviceGateway, directory: Path) -> None:
+    """Every device gets the files of ``directory`` but ``groups/``; the devices of group G
+    those of ``groups/G/`` too."""
+    groups = directory / GROUPS
+    gateway.set_config(None, _config_files(directory, skip=groups))
+    if groups.is_dir():
+        for group in sorted(p for p in groups.iterdir() if p.is_dir()):
+            gateway.set_group_config(group.name, _config_files(group))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -61,6 +85,11 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     token = _read_token(args.token_file) if args.token_file else args.token
+    api_token = _read_token(args.api_token_file) if args.api_token_file else args.api_token
+    own_api = args.devices_api or (args.partially_detached and not args.upstream_api)
+    if (own_api or args.partially_detached) and not api_token:
+        LOG.error("the devices API needs --api-token or --api-token-file")
+        return 2
     oauth = None
     if args.oauth:
         from lmp_autoreg.testing.oauth import DeviceCode, OAuthAuthority
@@ -84,6 +113,11 @@ def serve(args: argparse.Namespace) -> int:
             oauth=oauth,
             gateway=DeviceGateway if args.gateway else None,
             gateway_port=args.gateway_port,
+            devices_api=args.devices_api,
+            api_token=api_token,
+            partially_detached=args.partially_detached,
+            device_group=args.device_group,
+            upstream_api=args.upstream_api,
         )
         try:
             server.start()
@@ -96,9 +130,11 @@ def serve(args: argparse.Namespace) -> int:
             print(f"ca: {server.ca_file}", flush=True)
             if oauth is not None:
                 print(f"oauth: {server.url[:-len(server.path)]}/oauth", flush=True)
+            if server.devices_api is not None:
+                print(f"api: {server.api_url}", flush=True)
             if isinstance(server.gateway, DeviceGateway):
                 if args.config_dir:
-                    server.gateway.set_config(None, _config_files(Path(args.config_dir)))
+                    _serve_config(server.gateway, Path(args.config_dir))
                 print(f"gateway: {server.gateway.url}", flush=True)
             stop.wait()
             LOG.info("stopping")
@@ -160,7 +196,28 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--config-dir",
         metavar="DIR",
-        help="with --gateway: the configuration files every device gets (encrypted)",
+        help="with --gateway: the configuration files every device gets (encrypted); those "
+        "of DIR/groups/G/ go to the devices of group G too",
+    )
+    cmd.add_argument(
+        "--devices-api", action="store_true",
+        help="also serve the Foundries devices API under /ota/devices/ (prints 'api: URL')",
+    )
+    api_secret = cmd.add_mutually_exclusive_group()
+    api_secret.add_argument(
+        "--api-token", help="the devices API's OSF-TOKEN (a test token: argv is public)")
+    api_secret.add_argument(
+        "--api-token-file", help="the devices API's OSF-TOKEN, on the first line of FILE")
+    cmd.add_argument(
+        "--partially-detached", action="store_true",
+        help="create each device in the devices API before answering /sign, as "
+        "factory-registration-ref does with an API token",
+    )
+    cmd.add_argument(
+        "--device-group", metavar="G", help="the device group /sign creates devices in")
+    cmd.add_argument(
+        "--upstream-api", metavar="URL",
+        help="with --partially-detached: create the devices in this API, not the kit's own",
     )
     cmd.set_defaults(func=serve)
     return top

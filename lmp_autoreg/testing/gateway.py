@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -104,6 +104,21 @@ def not_modified(if_modified_since: str | None, modified: float) -> bool:
     return since.timestamp() >= int(modified)
 
 
+Config = tuple[dict[str, ConfigFile], float]
+
+
+def _config(files: Mapping[str, ConfigFile | str]) -> dict[str, ConfigFile]:
+    return {name: file if isinstance(file, ConfigFile) else ConfigFile(file)
+            for name, file in files.items()}
+
+
+def _merged(common: Config | None, group: Config | None) -> Config | None:
+    """The files of every device with its group's on top, as of the later of the two."""
+    if common is None or group is None:
+        return group or common
+    return {**common[0], **group[0]}, max(common[1], group[1])
+
+
 class _GatewayHandler(_Handler):
     def do_PATCH(self) -> None:
         self.server.kit._handle(self)
@@ -125,6 +140,7 @@ class DeviceGateway(_Loopback):
         tls_names: Iterable[str] = (),
         listening: bool = True,
         device_ca: ThrowawayCA | None = None,
+        group_of: Callable[[str | None], str | None] | None = None,
     ) -> None:
         self.ca = ca
         self.host = host
@@ -132,7 +148,11 @@ class DeviceGateway(_Loopback):
         self._port = port
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        self._configs: dict[str | None, tuple[dict[str, ConfigFile], float]] = {}
+        self._configs: dict[str | None, Config] = {}
+        self._groups: dict[str, Config] = {}
+        #: The device group of a uuid (the registration server's devices API), for the
+        #: files of :meth:`set_group_config`.
+        self.group_of = group_of
         self._queue: deque[Reply] = deque()
         self._requests: list[GatewayRequest] = []
         self._stopping = threading.Event()
@@ -181,12 +201,15 @@ class DeviceGateway(_Loopback):
     ) -> None:
         """Give ``device`` (a uuid; None: every device without its own) these files, as of
         now; a ``str`` is an encrypted file without a handler. An empty mapping: 204."""
-        config = {
-            name: file if isinstance(file, ConfigFile) else ConfigFile(file)
-            for name, file in files.items()
-        }
         with self._lock:
-            self._configs[device] = (config, time.time())
+            self._configs[device] = (_config(files), time.time())
+
+    def set_group_config(self, group: str, files: Mapping[str, ConfigFile | str]) -> None:
+        """Give the devices of ``group`` (as ``group_of`` has them) these files on top of
+        those of every device (``set_config(None, ...)``; a device with its own gets only
+        its own), as of now."""
+        with self._lock:
+            self._groups[group] = (_config(files), time.time())
 
     def enqueue(self, *replies: Reply) -> None:
         """Script the next requests' replies (faults), one per request."""
@@ -217,11 +240,13 @@ class DeviceGateway(_Loopback):
         der = handler.request.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der)
         device = subject_value(cert.subject, NameOID.COMMON_NAME)
+        group = self.group_of(device) if self.group_of is not None else None
         with self._lock:
             self._requests.append(GatewayRequest(record, device))
             self._arrived.notify_all()
             reply = self._queue.popleft() if self._queue else None
-            config = self._configs.get(device, self._configs.get(None))
+            config = self._configs.get(device) or _merged(
+                self._configs.get(None), self._groups.get(group) if group else None)
         if reply is not None:
             if self._hang_up(handler, reply):
                 return
@@ -238,7 +263,7 @@ class DeviceGateway(_Loopback):
     @staticmethod
     def _answer(
         record: RecordedRequest,
-        config: tuple[dict[str, ConfigFile], float] | None,
+        config: Config | None,
         public_key: object,
     ) -> tuple[int, bytes]:
         if record.path.split("?", 1)[0] != CONFIG_PATH:

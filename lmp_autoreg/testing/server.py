@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import ssl
@@ -45,8 +46,11 @@ from cryptography.x509.oid import NameOID
 
 from lmp_autoreg.testing._realdisk import real_disk
 from lmp_autoreg.testing.ca import ROOT_CERT, ThrowawayCA, subject_value
+from lmp_autoreg.testing.devices_api import PREFIX as API_PREFIX
+from lmp_autoreg.testing.devices_api import STORE, DevicesAPI
 from lmp_autoreg.testing.oauth import PREFIX as OAUTH_PREFIX
 from lmp_autoreg.testing.oauth import OAuthAuthority
+from lmp_autoreg.testing.upstream import create_device
 
 LOG = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ _HANDLER_SOCKET_TIMEOUT = 10.0
 _WILDCARDS = ("0.0.0.0", "::")
 
 FilesEdit = Callable[[dict[str, str]], dict[str, str]]
+# Answers the requests under a path prefix: (method, path, headers, body) -> status, JSON.
+Mount = Callable[[str, str, "Headers", bytes], tuple[int, bytes]]
 
 
 class Gateway(Protocol):
@@ -526,6 +532,12 @@ class RegistrationServer(_Loopback):
     turn a reference behaviour off: ``factory=None`` (any OU), ``accept_group=True`` (as
     the Foundries API does), ``check_content_type=False`` (a body is read as JSON whatever
     its Content-Type) and ``head_status`` (the answer to ``HEAD``, 405 by default).
+
+    A partially detached factory (docs/testing.md): ``devices_api=True`` also serves the
+    Foundries devices API under ``/ota/devices/`` (:attr:`devices_api`, requiring
+    ``api_token``, random when None); ``partially_detached=True`` makes ``/sign`` create
+    each device in that API (or in the one at ``upstream_api``, with ``api_token``) in
+    ``device_group`` before it answers.
     """
 
     def __init__(
@@ -547,7 +559,14 @@ class RegistrationServer(_Loopback):
         oauth: OAuthAuthority | None = None,
         gateway: Callable[..., Gateway] | None = None,
         gateway_port: int = 0,
+        devices_api: bool = False,
+        api_token: str | None = None,
+        partially_detached: bool = False,
+        device_group: str | None = None,
+        upstream_api: str | None = None,
     ) -> None:
+        if partially_detached and upstream_api is not None and not api_token:
+            raise ValueError("a partially detached server needs the upstream API's token")
         self.tls = tls
         #: The OAuth device authorization endpoints under /oauth (testing/oauth.py); with
         #: them, a registration needs the token or a bearer token they issued.
@@ -592,12 +611,29 @@ class RegistrationServer(_Loopback):
                 self.ca_file = Path(state_dir) / ROOT_CERT
             if tls:
                 self._ssl = self._tls_context(self.ca, host, tls_names, "server")
+        #: The devices API under /ota/devices/ (``lmp_autoreg.testing.devices_api``), served
+        #: with ``devices_api=True`` or by a partially detached server without an upstream
+        #: API; its devices are kept in the state directory's ``devices.json``.
+        self.devices_api: DevicesAPI | None = None
+        if devices_api or (partially_detached and upstream_api is None):
+            store = Path(state_dir) / STORE if state_dir is not None else None
+            self.devices_api = DevicesAPI(self.ca, api_token or secrets.token_hex(16), store)
+        self.partially_detached = partially_detached
+        self.device_group = device_group
+        self.upstream_api = upstream_api
+        self.api_token = api_token or (self.devices_api.token if self.devices_api else None)
+        self._mounts: list[tuple[str, Mount]] = []
+        if oauth is not None:
+            self._mounts.append((OAUTH_PREFIX + "/", oauth.answer))
+        if self.devices_api is not None:
+            self._mounts.append((API_PREFIX, self.devices_api.answer))
         #: With ``gateway=DeviceGateway`` (``lmp_autoreg.testing.gateway``): the device
         #: gateway that the ``sota.toml`` it sends names in ``tls.server``, made with the
         #: same CA, host and names, started and stopped with the server.
         self.gateway: Gateway | None = None
         if gateway is not None:
-            self.gateway = gateway(self.ca, host=host, port=gateway_port, tls_names=tls_names)
+            self.gateway = gateway(self.ca, host=host, port=gateway_port, tls_names=tls_names,
+                                   group_of=self._group_of)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -670,6 +706,11 @@ class RegistrationServer(_Loopback):
         return f"{scheme}://{url_host(self.host)}:{self.port}{self.path}"
 
     @property
+    def api_url(self) -> str:
+        """The devices API's URL, e.g. ``http://127.0.0.1:PORT/ota/devices/``."""
+        return self.url[: -len(self.path)] + API_PREFIX
+
+    @property
     def requests(self) -> list[RecordedRequest]:
         """A copy of every request received so far (``HEAD`` included), oldest first."""
         with self._lock:
@@ -718,12 +759,13 @@ class RegistrationServer(_Loopback):
         with self._lock:
             self._requests.append(record)
             self._arrived.notify_all()
-        if self.oauth is not None and record.path.startswith(OAUTH_PREFIX + "/"):
-            status, payload = self.oauth.answer(record.method, record.path, record.headers,
-                                                record.body)
-            LOG.info("%s %s -> %d", record.method, record.path.split("?", 1)[0], status)
-            handler.send_bytes(status, payload, "application/json", {})
-            return
+        for prefix, mount in self._mounts:
+            if record.path.startswith(prefix):
+                status, payload = mount(record.method, record.path, record.headers,
+                                        record.body)
+                LOG.info("%s %s -> %d", record.method, record.path.split("?", 1)[0], status)
+                handler.send_bytes(status, payload, "application/json", {})
+                return
         with self._lock:
             reply = None if record.method == "HEAD" else self._next_reply()
         if reply is None:
@@ -795,6 +837,9 @@ class RegistrationServer(_Loopback):
         with self._lock:
             if self.reject_duplicates and uuid in self._registered:
                 raise _Refusal(409, "Device already exists")
+        if self.partially_detached:
+            self._create_device(client_pem, data.get("name"))
+        with self._lock:
             self._registered[uuid] = client_pem
         if reply.wrong_key:
             client_pem = self.ca.cert_for_subject_with_other_key(csr.subject)
@@ -814,6 +859,25 @@ class RegistrationServer(_Loopback):
             "client.chained": client_pem + "\n" + self.ca.intermediate_pem,
         }
         return reply.files(files) if reply.files is not None else files
+
+    def _create_device(self, client_pem: str, name: object) -> None:
+        """Create the device in the devices API as the reference server does
+        (``lmp_autoreg.testing.upstream``); its refusal is the device's answer."""
+        assert self.api_token is not None  # __init__ made sure
+        loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        own = f"{self.url.split(':', 1)[0]}://{url_host(loopback)}:{self.port}{API_PREFIX}"
+        refused = create_device(
+            self.upstream_api or own, self.api_token, client_pem,
+            name=name if isinstance(name, str) else None, group=self.device_group,
+            verify=str(self.ca_file) if self.tls and self.upstream_api is None else True,
+            stopping=self._stopping,
+        )
+        if refused is not None:
+            raise _Refusal(refused.status, refused.text)
+
+    def _group_of(self, uuid: str | None) -> str | None:
+        """The device group the kit's devices API holds ``uuid`` in (None: none)."""
+        return self.devices_api.group_of(uuid) if self.devices_api is not None else None
 
     def _authorized(self, headers: Headers) -> bool:
         """The token, when there is one; with OAuth, a bearer token it issued (any other
