@@ -107,7 +107,7 @@ def test_each_device_gets_its_own_config_and_others_the_default(gateway, ca, tmp
     assert ecies.decrypt(key, base64.b64decode(value)) == b"default"
 
 
-def test_a_groups_files_go_on_top_of_the_common_ones_to_its_devices(ca, tmp_path):
+def test_a_devices_files_go_on_top_of_its_groups_and_the_common_ones(ca, tmp_path):
     grouped, other, own = (f"d0c0ffee-0000-4000-8000-00000000001{i}" for i in range(3))
     groups = {grouped: "line-1", own: "line-1"}
     with DeviceGateway(ca, group_of=groups.get) as gateway:
@@ -118,7 +118,8 @@ def test_a_groups_files_go_on_top_of_the_common_ones_to_its_devices(ca, tmp_path
         assert request(gateway, plain[other])[0] == 204
         gateway.set_config(None, {"c": ConfigFile("common", unencrypted=True),
                                   "d": ConfigFile("common d", unencrypted=True)})
-        gateway.set_config(own, {"o": ConfigFile("own", unencrypted=True)})
+        gateway.set_config(own, {"o": ConfigFile("own", unencrypted=True),
+                                 "g": ConfigFile("own g", unencrypted=True)})
 
         def values(uuid):
             answer = json.loads(request(gateway, plain[uuid])[1])
@@ -126,7 +127,8 @@ def test_a_groups_files_go_on_top_of_the_common_ones_to_its_devices(ca, tmp_path
 
         assert values(grouped) == {"g": "group", "c": "group's c", "d": "common d"}
         assert values(other) == {"c": "common", "d": "common d"}
-        assert values(own) == {"o": "own"}  # a device's own configuration is all it gets
+        # Layered as Foundries merges them: the fleet's, the group's, then the device's own.
+        assert values(own) == {"o": "own", "g": "own g", "c": "group's c", "d": "common d"}
 
 
 def test_serve_gives_the_devices_of_a_group_its_config_dir(tmp_path):

@@ -112,11 +112,17 @@ def _config(files: Mapping[str, ConfigFile | str]) -> dict[str, ConfigFile]:
             for name, file in files.items()}
 
 
-def _merged(common: Config | None, group: Config | None) -> Config | None:
-    """The files of every device with its group's on top, as of the later of the two."""
-    if common is None or group is None:
-        return group or common
-    return {**common[0], **group[0]}, max(common[1], group[1])
+def _merged(*layers: Config | None) -> Config | None:
+    """The layers' files, a later layer's file winning where names collide, as of the
+    latest layer; None where there is no layer. Foundries merges a device's configuration
+    this way: the fleet's files, its group's, then its own."""
+    present = [layer for layer in layers if layer is not None]
+    if not present:
+        return None
+    files: dict[str, ConfigFile] = {}
+    for layer in present:
+        files.update(layer[0])
+    return files, max(layer[1] for layer in present)
 
 
 class _GatewayHandler(_Handler):
@@ -199,15 +205,16 @@ class DeviceGateway(_Loopback):
     def set_config(
         self, device: str | None, files: Mapping[str, ConfigFile | str]
     ) -> None:
-        """Give ``device`` (a uuid; None: every device without its own) these files, as of
-        now; a ``str`` is an encrypted file without a handler. An empty mapping: 204."""
+        """Give ``device`` (a uuid; None: every device) these files, as of now; a device
+        gets every device's files, its group's, then its own, a later one winning where
+        names collide. A ``str`` is an encrypted file without a handler. No file: 204."""
         with self._lock:
             self._configs[device] = (_config(files), time.time())
 
     def set_group_config(self, group: str, files: Mapping[str, ConfigFile | str]) -> None:
         """Give the devices of ``group`` (as ``group_of`` has them) these files on top of
-        those of every device (``set_config(None, ...)``; a device with its own gets only
-        its own), as of now."""
+        those of every device (``set_config(None, ...)``), under a device's own, as of
+        now."""
         with self._lock:
             self._groups[group] = (_config(files), time.time())
 
@@ -245,8 +252,9 @@ class DeviceGateway(_Loopback):
             self._requests.append(GatewayRequest(record, device))
             self._arrived.notify_all()
             reply = self._queue.popleft() if self._queue else None
-            config = self._configs.get(device) or _merged(
-                self._configs.get(None), self._groups.get(group) if group else None)
+            config = _merged(self._configs.get(None),
+                             self._groups.get(group) if group else None,
+                             self._configs.get(device) if device is not None else None)
         if reply is not None:
             if self._hang_up(handler, reply):
                 return
