@@ -97,18 +97,20 @@ def test_an_id_is_read_as_fioconfig_reads_it(registered):
     assert (registered.secrets / "wifi.conf").read_text() == CONFIG["wifi.conf"]
 
 
-@pytest.mark.parametrize(("toml", "says"), [
-    ('[p11]\ntls_pkey_id = "02"\n', "unable to load pkcs11 private key"),
-    ('[p11]\ntls_clientcert_id = "01"\n', "unable to load pkcs11 client certificate"),
-    ('[p11]\nlabel = "other"\n', "unable to load crypto11 config"),
-    ('[p11]\npass = "not-the-pin"\n', "unable to load crypto11 config"),
-    ('[tls]\npkey_source = "tpm"\n', "invalid tls.pkey_source: tpm"),
+@pytest.mark.parametrize(("toml", "code", "says"), [
+    ('[p11]\ntls_pkey_id = "02"\n', 2, "panic: unable to load pkcs11 private key"),
+    ('[p11]\ntls_clientcert_id = "01"\n', 2, "panic: unable to load pkcs11 client certificate"),
+    ('[p11]\nlabel = "other"\n', 1, "could not find PKCS#11 token"),
+    ('[p11]\npass = "not-the-pin"\n', 1, "failed to log into long term session: PinIncorrect"),
+    ('[tls]\npkey_source = "tpm"\n', 1, "invalid tls.pkey_source: tpm"),
 ], ids=["key-id", "cert-id", "token-label", "pin", "pkey-source"])
-def test_what_p11_names_must_be_on_the_token(registered, toml, says):
+def test_what_p11_names_must_be_on_the_token(registered, toml, code, says):
+    """As the real fioconfig ends (run by hand): a key pair or a certificate that is not
+    on the token is a panic on crypto11's nil answer, exit 2; the rest exit 1."""
     registered.gateway.set_config(None, CONFIG)
     registered.override(toml)
     checkin = registered.check_in()
-    assert checkin.returncode == 1
+    assert checkin.returncode == code, checkin.stderr
     assert says in checkin.stderr
     assert registered.gateway.requests == [] and not list(registered.secrets.iterdir())
     assert PIN not in checkin.stderr

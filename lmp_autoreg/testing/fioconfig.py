@@ -20,8 +20,11 @@ message``).
 With ``tls.pkey_source = "pkcs11"`` it uses the key and certificate on a PKCS#11 token,
 as the real one does through crypto11: ``[p11]`` names them (:mod:`.p11`, python-pkcs11),
 the TLS client authentication has the token sign (:mod:`.p11tls`, tlslite-ng), and the
-ECDH of each value's ECIES is the token's ``CKM_ECDH1_DERIVE``. That needs the kit's
-``test`` extra (python-pkcs11, tlslite-ng); a file key needs neither.
+ECDH of each value's ECIES is the token's ``CKM_ECDH1_DERIVE``. The real one, built with
+crypto11 and run by hand on a SoftHSM2 token the agent registered, decrypted the kit
+gateway's configuration and ended as this one does where ``[p11]`` names what the token
+lacks. That mode needs the kit's ``test`` extra (python-pkcs11, tlslite-ng); a file key
+needs neither.
 
 Not imitated: the ``PATCH`` of a ``vpn`` build (it needs wireguard's ``wg``; without it the
 real one sends none either).
@@ -173,6 +176,8 @@ class CheckIn:
         try:
             key = p11.TokenKey(p11.P11.from_config(self.config.get))
         except p11.TokenError as error:
+            if error.panics:
+                raise Fatal(f"panic: {error}", 2) from error
             raise Fatal(f'Unable to create TLS config error="{error}"') from error
         self.shared_x = key.shared_x
         self.connect = functools.partial(p11tls.connection, key, self.cafile)

@@ -10,7 +10,8 @@ section when ``tls.pkey_source`` is ``"pkcs11"`` and goes to the token through c
   ``b"\\x01"``, as fioconfig's ``IdToBytes`` turns it;
 - the key pair is the private key whose ``CKA_ID`` is the key id and the public key of the
   same id and label (crypto11's ``FindKeyPair``); the certificate is the one whose
-  ``CKA_ID`` is the certificate id (``FindCertificate``);
+  ``CKA_ID`` is the certificate id (``FindCertificate``); without either the real one
+  panics (exit 2), and so does this (``TokenError.panics``);
 - a signature is ``CKM_ECDSA`` over the digest the caller gives (crypto11's ``Sign``);
 - the ECDH of ECIES is ``CKM_ECDH1_DERIVE`` with no KDF and the peer's uncompressed point,
   into a session secret (generic, not sensitive, extractable, as long as a coordinate)
@@ -31,14 +32,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.exceptions import PKCS11Error
+from pkcs11.exceptions import NoSuchToken, PKCS11Error
 from pkcs11.mechanisms import KDF
 
 DEFAULT_TOKEN = "aktualizr"
 
 
 class TokenError(Exception):
-    """The ``[p11]`` settings or the token do not give a usable key and certificate."""
+    """The ``[p11]`` settings or the token do not give a usable key and certificate.
+    ``panics``: where the real fioconfig goes on with crypto11's nil key or certificate
+    and panics (exit 2), a key pair or a certificate that is not on the token."""
+
+    def __init__(self, message: str, *, panics: bool = False) -> None:
+        super().__init__(message)
+        self.panics = panics
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,16 @@ class TokenKey:
     def __init__(self, p11: P11) -> None:
         try:
             token = pkcs11.lib(p11.module).get_token(token_label=p11.label)
-            self._session = token.open(user_pin=p11.pin)
+        except NoSuchToken as error:
+            raise TokenError("unable to load crypto11 config: could not find PKCS#11 "
+                             "token") from error
         except (PKCS11Error, OSError, RuntimeError) as error:
-            raise TokenError(f"unable to load crypto11 config: {type(error).__name__} "
-                             f"{error}") from error
+            raise TokenError(f"unable to load crypto11 config: {_why(error)}") from error
+        try:
+            self._session = token.open(user_pin=p11.pin)
+        except PKCS11Error as error:
+            raise TokenError("unable to load crypto11 config: failed to log into long term "
+                             f"session: {_why(error)}") from error
         try:
             self._private, public, cert = self._find(p11)
         except (PKCS11Error, TokenError):
@@ -99,19 +112,19 @@ class TokenKey:
                                                    Attribute.ID: p11.key_id}))
         if not privates:
             raise TokenError("unable to load pkcs11 private key: no key of id "
-                             f"{p11.key_id.hex()}")
+                             f"{p11.key_id.hex()}", panics=True)
         private = privates[0]
         publics = list(self._session.get_objects({
             Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: p11.key_id,
             Attribute.LABEL: private[Attribute.LABEL]}))
         if not publics:
             raise TokenError("unable to load pkcs11 private key: no public half of id "
-                             f"{p11.key_id.hex()}")
+                             f"{p11.key_id.hex()}", panics=True)
         certs = list(self._session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE,
                                                 Attribute.ID: p11.cert_id}))
         if not certs:
             raise TokenError("unable to load pkcs11 client certificate: none of id "
-                             f"{p11.cert_id.hex()}")
+                             f"{p11.cert_id.hex()}", panics=True)
         cert = x509.load_der_x509_certificate(bytes(certs[0][Attribute.VALUE]))
         public = _public(bytes(publics[0][Attribute.EC_POINT]))
         return private, public, cert
@@ -141,6 +154,10 @@ class TokenKey:
             self._session.close()
         except PKCS11Error:
             pass
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__} {error}".strip()
 
 
 def _public(point: bytes) -> ec.EllipticCurvePublicKey:
