@@ -28,9 +28,9 @@ CONFIG = {"wifi.conf": "ssid=factory\npsk=secret\n",
           "banner": ConfigFile("hello\n", unencrypted=True)}
 
 
-class Registered:
-    """A device registered in HSM mode against a kit server with a device gateway, and
-    the stand-in fioconfig that checks it in."""
+class OnToken:
+    """A device registered in HSM mode against a kit server with a device gateway: one
+    registration for the module's tests (each checks in afresh, see ``registered``)."""
 
     def __init__(self, tmp_path: Path, server: RegistrationServer) -> None:
         self.softhsm = SoftHsm(tmp_path / "softhsm")
@@ -41,6 +41,17 @@ class Registered:
         self.gateway = server.gateway
         self.run = run_cli(*device_args(self.device, server, "--json"), env=self.softhsm.env)
         assert self.run.returncode == 0, self.run.stderr
+
+
+class Registered:
+    """That device as one test finds it, never checked in yet, and the stand-in
+    fioconfig that checks it in, with a secrets dir and a conf.d of the test's own."""
+
+    def __init__(self, on_token: OnToken, tmp_path: Path) -> None:
+        self.softhsm, self.device = on_token.softhsm, on_token.device
+        self.server, self.gateway, self.run = on_token.server, on_token.gateway, on_token.run
+        (self.device.sota / "config.encrypted").unlink(missing_ok=True)
+        self.seen = len(self.gateway.requests)
         self.secrets = tmp_path / "secrets"
         self.secrets.mkdir(mode=0o750)
         self.fakes = FakeBin(tmp_path / "bin")
@@ -48,6 +59,11 @@ class Registered:
         self.fakes.set("fioconfig", root=str(self.device.root), retry_delays=[])
         self.extra = tmp_path / "conf.d"
         self.extra.mkdir()
+
+    @property
+    def requests(self) -> list:
+        """The gateway's requests since the test began."""
+        return self.gateway.requests[self.seen:]
 
     def check_in(self, **env: str) -> subprocess.CompletedProcess:
         """``fioconfig check-in`` with the device's sota.toml, then conf.d (its files win
@@ -62,11 +78,16 @@ class Registered:
         (self.extra / "z-p11.toml").write_text(toml)
 
 
-@pytest.fixture
-def registered(tmp_path):
+@pytest.fixture(scope="module")
+def on_token(tmp_path_factory):
     require_module("tlslite")
     with RegistrationServer(gateway=DeviceGateway) as server:
-        yield Registered(tmp_path, server)
+        yield OnToken(tmp_path_factory.mktemp("on-token"), server)
+
+
+@pytest.fixture
+def registered(on_token, tmp_path):
+    return Registered(on_token, tmp_path)
 
 
 def test_checks_in_and_decrypts_with_the_key_on_the_token(registered):
@@ -77,7 +98,7 @@ def test_checks_in_and_decrypts_with_the_key_on_the_token(registered):
     assert (registered.secrets / "wifi.conf").read_text() == "ssid=factory\npsk=secret\n"
     assert (registered.secrets / "banner").read_text() == "hello\n"
     # The gateway knew the device by the certificate the token presented in the handshake.
-    [get] = registered.gateway.requests
+    [get] = registered.requests
     assert get.device == registered.run.json["uuid"] and get.request.path == "/config"
     stored = json.loads((registered.device.sota / "config.encrypted").read_text())
     assert stored["wifi.conf"]["Value"] != CONFIG["wifi.conf"]  # it came encrypted
@@ -112,7 +133,7 @@ def test_what_p11_names_must_be_on_the_token(registered, toml, code, says):
     checkin = registered.check_in()
     assert checkin.returncode == code, checkin.stderr
     assert says in checkin.stderr
-    assert registered.gateway.requests == [] and not list(registered.secrets.iterdir())
+    assert registered.requests == [] and not list(registered.secrets.iterdir())
     assert PIN not in checkin.stderr
 
 
