@@ -1,0 +1,97 @@
+"""The factory line's throughput against ``--parallel`` (``make bench-line``).
+
+Runs the same line (``python -m lmp_autoreg.testing line``: real agent processes against
+the kit's server, in its own process, and its gateway) at ``--parallel`` 1, 2 and the
+machine's cores, one after another in this run, and prints, as ratios of this run: devices
+a minute and the speedup over K=1, the agents' CPU seconds a device, and the kit server's
+share of the line's CPU (agents + kit server + the line runner). With ``--plot PNG`` it
+draws the curve (docs/performance.md shows it). Results go to
+``bench/results/line.json`` and ``line.md``.
+
+Usage: ``python bench/line.py [--devices N] [--parallel 1,2,4] [--plot PNG] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from lmp_autoreg.testing.line import Line, LineOptions
+from lmp_autoreg.testing.plot import draw_speedup
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def levels(text: str | None) -> list[int]:
+    """The ``--parallel`` values: those given, else 1, 2 and the machine's cores."""
+    if text:
+        return sorted({int(k) for k in text.split(",")})
+    return sorted({1, 2, os.cpu_count() or 1})
+
+
+def measure(devices: int, parallel: int, scratch: Path) -> dict[str, float]:
+    out = scratch / f"k{parallel}"
+    summary = Line(LineOptions(out=out, devices=devices, parallel=parallel),
+                   progress=io.StringIO()).run()
+    if not summary["passed"]:
+        raise SystemExit(f"the line at --parallel {parallel} failed: {summary['problems']}")
+    cpu = summary["cpu"]
+    return {
+        "parallel": parallel,
+        "devices": devices,
+        "devices_per_minute": summary["devices_per_minute"],
+        "p50_seconds": summary["p50_seconds"],
+        "agent_cpu_seconds_per_device": cpu["agent_seconds_per_device"],
+        "kit_server_share": cpu["kit_server_share"],
+    }
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    base = rows[0]["devices_per_minute"]
+    lines = [
+        "| --parallel | devices | devices a minute | speedup | p50 s a device | "
+        "agent CPU s a device | kit server's share of the line's CPU |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['parallel']} | {r['devices']} | {r['devices_per_minute']:.1f} | "
+            f"{r['devices_per_minute'] / base:.2f} | {r['p50_seconds']:.2f} | "
+            f"{r['agent_cpu_seconds_per_device']:.3f} | {100 * r['kit_server_share']:.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=30, help="devices a line (default 30)")
+    parser.add_argument("--parallel", help="comma-separated K (default 1, 2, the cores)")
+    parser.add_argument("--plot", type=Path, help="draw the curve into this PNG")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lmp-autoreg-bench-line-") as scratch:
+        for k in levels(args.parallel):
+            rows.append(measure(args.devices, k, Path(scratch)))
+            print(f"--parallel {k}: {rows[-1]['devices_per_minute']:.1f} devices a minute",
+                  flush=True)
+    text = table(rows)
+    machine = f"{platform.python_version()}, {os.cpu_count()} cores"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "line.md").write_text(text + "\n", encoding="utf-8")
+    (args.out / "line.json").write_text(json.dumps({"machine": machine, "rows": rows},
+                                                   indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        draw_speedup([(int(r["parallel"]), r["devices_per_minute"]) for r in rows], args.plot,
+                     title=f"Factory line: {args.devices} devices ({machine})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
