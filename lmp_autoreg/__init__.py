@@ -11,6 +11,7 @@ checks that no import, not even one inside a function, goes round in a circle):
 - ``guard``     the light first check of every start: where the sota dir is, and is the
                 device already registered (nothing heavier than ``os``: most starts end here)
 - ``paths``     the device's file layout, resolved under ``--sysroot``
+- ``board``     the board's own serial number (device tree, DMI, wired MAC), for the result
 - ``preflight`` checks before anything is sent: token over plain http, warnings, the clock
 - ``settings``  where every setting comes from (CLI > env > default file > device files)
 - ``util``      small wrappers: atomic file writes, running commands, the random uuid

@@ -212,7 +212,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         guard.check_not_registered(guard.host_path(sysroot, sota), sota)
     logs = logger(_verbosity(args))
     from . import log
-    from .register import register
+    from .register import board_note, register
     from .settings import resolve
 
     # A person at a terminal can approve an OAuth device authorization (docs/spec.md
@@ -220,8 +220,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     settings = resolve(cli, os.environ, terminal=sys.stdin.isatty() and sys.stderr.isatty())
     result = register(settings, dry_run=args.dry_run, force=args.force)
     output.show_register(result, settings.paths.sota, as_json=args.json)
-    logs.info("done: %s", "dry run" if result.result == "dry-run" else f"registered {result.uuid}",
-              extra=log.fields(LMP_EXIT_CODE=0))
+    done = "dry run" if result.result == "dry-run" else f"registered {result.uuid}"
+    logs.info("done: %s%s", done, board_note(result), extra=log.fields(LMP_EXIT_CODE=0))
     if (result.services or {}).get("poweroff") == "requested":
         return _power_off(logs)
     return 0

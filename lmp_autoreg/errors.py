@@ -13,6 +13,10 @@ class AutoregError(Exception):
     kind = "internal"
     # What was known when it failed (a ``result.Result``), for the JSON object.
     result: object = None
+    # What an operator does about it, for the JSON object's ``error.remedy`` (docs/spec.md
+    # section 6): ``{"case", "device": {"uuid", "name"}, "text"}``; None when the message
+    # says all there is.
+    remedy: dict[str, object] | None = None
 
 
 class ConfigError(AutoregError):
@@ -40,9 +44,11 @@ class ServerRefused(AutoregError):
     exit_code = 4
     kind = "refused"
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, remedy: dict[str, object] | None = None
+                 ) -> None:
         super().__init__(message)
         self.status = status
+        self.remedy = remedy
 
 
 class NoAnswer(AutoregError):

@@ -44,7 +44,8 @@ def error_json(error: AutoregError, exit_code: int) -> dict[str, Any]:
         data = result.to_json()
         data.pop("request", None)
         outcome = "registered" if isinstance(error, PostStepFailed) else "error"  # exit 7
-        data.update(result=outcome, error={"kind": error.kind, "message": str(error)})
+        data.update(result=outcome, error={"kind": error.kind, "message": str(error),
+                                           "remedy": error.remedy})
     data["exit_code"] = exit_code
     return data
 
@@ -68,13 +69,17 @@ def show_register(result: Result, sota: Path, *, as_json: bool) -> None:
 def show_status(status: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         emit_json(status)
-    elif status["registered"]:
+        return
+    board = status["board"]
+    if status["registered"]:
         print(f"registered: uuid {status['uuid']}, factory {status['factory']}, "
               f"production {'yes' if status['production'] else 'no'}, "
               f"certificate valid until {status['not_after']}")
     else:
         print("not registered" + (" (an interrupted attempt is pending)"
                                   if status["pending"] else ""))
+    if board:
+        print(f"board serial: {board['serial']} (from {board['source']})")
 
 
 def show_demo(

@@ -24,6 +24,13 @@ HSM_CONFIG = PurePosixPath("/etc/sota/hsm")
 HOSTNAME = PurePosixPath("/etc/hostname")
 TOKEN_FILE = PurePosixPath("/etc/lmp-device-register-token")
 AKLITE_LOCK = PurePosixPath("/var/lock/aklite.lock")
+# Where the board's serial number is looked for (``board``), in this order: the device
+# tree's ``serial-number`` (``/proc/device-tree`` is a link to the same directory), DMI's
+# serials, the network interfaces.
+DEVICE_TREE_SERIAL = PurePosixPath("/sys/firmware/devicetree/base/serial-number")
+DMI_SERIALS = (PurePosixPath("/sys/class/dmi/id/product_serial"),
+               PurePosixPath("/sys/class/dmi/id/board_serial"))
+NET_DIR = PurePosixPath("/sys/class/net")
 
 # Files a registration leaves in the sota dir; --force removes exactly these.
 REGISTRATION_FILES = ("sql.db", "client.pem", "pkey.pem", "root.crt", "client.chained", "sota.toml")

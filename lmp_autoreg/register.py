@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import guard, preflight, testhook
 from .attempt import Attempt, note_uuid
-from .errors import AutoregError, ConfigError, ServerRefused
+from .errors import AutoregError, ConfigError, NoAnswer, ServerRefused, Unreachable
 from .result import Result
 from .retry import Deadline, retry
 from .settings import Settings
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from .install import PlannedFile
 
 LOG = logging.getLogger(__name__)
+
+# error.remedy.case of a 409 for an identity the device sent before (lost_answer_conflict).
+LOST_ANSWER_CONFLICT = "conflict-after-lost-answer"
 
 
 def _describe(settings: Settings, uuid: str | None) -> Result:
@@ -40,6 +43,19 @@ def _describe(settings: Settings, uuid: str | None) -> Result:
         backend=settings.backend,
         sota_dir=str(settings.paths.sota_device),
     )
+
+
+def _note_board(result: Result, settings: Settings) -> None:
+    """The board's serial (``board``): into the result and every journal entry from now
+    on, and named in the status line. Never into the request."""
+    from . import board, log
+
+    result.board = board.read(settings.paths)
+    if result.board is None:
+        LOG.debug("no board serial found (device tree, DMI, wired network interface)")
+        return
+    log.add_fields(LMP_BOARD_SERIAL=result.board["serial"])
+    LOG.info("board serial %s (from %s)", result.board["serial"], result.board["source"])
 
 
 def register(settings: Settings, *, dry_run: bool = False, force: bool = False) -> Result:
@@ -59,6 +75,7 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
         _check_pkcs11()
 
     result = _describe(settings, settings.uuid)
+    _note_board(result, settings)
     try:
         if dry_run:
             return _dry_run(settings, result, force=force)
@@ -79,6 +96,11 @@ def register(settings: Settings, *, dry_run: bool = False, force: bool = False) 
     except AutoregError as e:
         e.result = result
         raise
+
+
+def board_note(result: Result) -> str:
+    """`` (board SERIAL)`` for a status line, or nothing when no serial was found."""
+    return f" (board {result.board['serial']})" if result.board else ""
 
 
 def _on_token(settings: Settings) -> bool:
@@ -170,7 +192,8 @@ def _register_native(attempt: Attempt, deadline: Deadline, *, force: bool) -> No
     settings = attempt.settings
     uuid = attempt.take_identity()
     assert attempt.key is not None
-    LOG.info("registering %s as %s with factory %s", settings.hardware_id, uuid, settings.factory)
+    LOG.info("registering %s as %s with factory %s%s", settings.hardware_id, uuid,
+             settings.factory, board_note(attempt.result))
     preflight.warn(token_file=settings.token_place, production=settings.production)
     if settings.oauth:
         from . import oauth
@@ -183,11 +206,20 @@ def _register_native(attempt: Attempt, deadline: Deadline, *, force: bool) -> No
     testhook.pause("before-request")  # TEST-ONLY: returns at once on a device
 
     http = client.RegistrationClient(settings)
+    # Whether the server may hold this uuid already: the identity of an interrupted
+    # attempt, or a request of this run that reached it but whose answer was lost.
+    sent = [attempt.reused]
 
     def send(budget: float) -> "tuple[dict[str, str], list[PlannedFile]]":
-        files = http.post(body, timeout=budget)
-        LOG.info("the server answered with %s; verifying", ", ".join(sorted(files)))
-        return files, attempt.verify(files)
+        try:
+            files = http.post(body, timeout=budget)
+            LOG.info("the server answered with %s; verifying", ", ".join(sorted(files)))
+            return files, attempt.verify(files)
+        except Unreachable:  # no connection: the request never arrived
+            raise
+        except NoAnswer:
+            sent[0] = True
+            raise
 
     what = f"sending the registration request to {settings.device_api}"
     LOG.info("%s", what)
@@ -195,17 +227,32 @@ def _register_native(attempt: Attempt, deadline: Deadline, *, force: bool) -> No
         files, plan = retry(send, deadline, what=what)
     except AutoregError as e:
         _discard_new_key(attempt, force=force)
-        if isinstance(e, ServerRefused) and e.status == 409 and attempt.reused:
-            raise ServerRefused(
-                f"{e} (uuid {uuid} is the identity of an interrupted attempt, which the "
-                "server may have registered then: delete that device on the server and run "
-                "again, or run with --force to register with a new identity)",
-                e.status,
-            ) from e
+        if isinstance(e, ServerRefused) and e.status == 409 and sent[0]:
+            raise lost_answer_conflict(e, attempt.result, reused=attempt.reused) from e
         raise
     finally:
         http.close()
     attempt.install(files, plan)
+
+
+def lost_answer_conflict(refusal: ServerRefused, result: Result, *, reused: bool
+                         ) -> ServerRefused:
+    """The 409 for a uuid this device sent before without getting the answer
+    (docs/spec.md section 6, docs/reliability.md section 2): the server may have
+    registered it then and cannot send its certificate again. Exit 4, the identity kept,
+    with the remedy for the operator."""
+    uuid, name = result.uuid, result.name or result.uuid
+    when = "an interrupted attempt" if reused else "an earlier request of this run"
+    text = (f"unless another board holds uuid {uuid} (the jig's records of board serials and "
+            f"uuids tell), delete the device {name} in the factory (fioctl devices delete "
+            f"{name}) and run again: this board keeps the identity {uuid} and its key, and "
+            f"registers under it; or run with --force for a new identity, leaving {name} in "
+            "the factory until it is deleted")
+    remedy: dict[str, object] = {"case": LOST_ANSWER_CONFLICT,
+                                 "device": {"uuid": uuid, "name": name}, "text": text}
+    return ServerRefused(f"{refusal} (uuid {uuid} was sent by {when} whose answer never "
+                         f"arrived, and the server may have registered it then: {text})",
+                         refusal.status, remedy)
 
 
 def _discard_new_key(attempt: Attempt, *, force: bool) -> None:

@@ -23,6 +23,7 @@ class Result:
     name: str | None = None
     factory: str | None = None
     hardware_id: str | None = None
+    board: dict[str, str] | None = None  # {"serial", "source"}: the board's own serial
     tag: str | None = None
     apps: list[str] | None = None
     production: bool | None = None

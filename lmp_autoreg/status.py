@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from . import checked, der
+from . import board, checked, der
 from .guard import client_cert, is_registered
 from .paths import DevicePaths
 from .state import State
@@ -20,6 +20,7 @@ def device_status(paths: DevicePaths) -> dict[str, Any]:
         "sota_dir": str(paths.sota_device),
         # An interrupted attempt waits (its identity, or an unfinished install).
         "pending": not registered and State(paths).has_pending(),
+        "board": board.read(paths),
     }
     # The small DER reader, not cryptography: status only shows these fields (they were
     # verified when the certificate was installed), and cryptography triples its start-up.

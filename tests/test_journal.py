@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from lmp_autoreg.journal import IDENTIFIER, priority, stderr_is_journal
+from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.server import Reply
 
 from conftest import Run, clean_env, device_args, require_module, require_tool, run_cli
@@ -283,3 +284,28 @@ def test_stderr_is_journal_compares_device_and_inode(tmp_path):
 def test_priorities():
     assert [priority(level) for level in (logging.DEBUG, logging.INFO, logging.WARNING,
                                           logging.ERROR, logging.CRITICAL)] == [7, 6, 4, 3, 2]
+
+
+def test_the_board_serial_is_a_field_and_in_the_status_lines(tmp_path, registration_server):
+    """The board's serial (docs/spec.md section 6): a journal field of every entry from the
+    moment it is read, and named by the status lines a jig's operator sees."""
+    require_module("systemd.journal")
+    require_namespaces()
+    device = FakeDevice(tmp_path / "device", board_serial="SN-0042").build()
+    run, entries = journal_entries(tmp_path, device_args(device, registration_server))
+    assert run.returncode == 0, run.stderr
+    uuid = registration_server.requests[0].json["uuid"]
+    messages = [e["MESSAGE"] for e in entries]
+    at = messages.index("board serial SN-0042 (from /sys/firmware/devicetree/base/serial-number)")
+    assert all(e["LMP_BOARD_SERIAL"] == "SN-0042" for e in entries[at + 1:])
+    assert f"registering intel-corei7-64 as {uuid} with factory acme (board SN-0042)" in messages
+    assert messages[-1] == f"done: registered {uuid} (board SN-0042)"
+
+
+def test_the_status_lines_name_the_board(tmp_path, registration_server):
+    device = FakeDevice(tmp_path / "device", board_serial="SN-0042").build()
+    run, lines = notify_run(device, registration_server, tmp_path, {})
+    assert run.returncode == 0, run.stderr
+    uuid = registration_server.requests[0].json["uuid"]
+    assert lines[0] == "board serial SN-0042 (from /sys/firmware/devicetree/base/serial-number)"
+    assert lines[-1] == f"done: registered {uuid} (board SN-0042)"

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmp_autoreg.testing.device import FakeDevice
+from lmp_autoreg.testing.device import FakeDevice, populate
 from lmp_autoreg.testing.server import Reply
 
 from conftest import any_text, clean_env, require_tool
@@ -107,6 +107,12 @@ OTHER_FILES = ("var/sota/compose-apps", "var/sota/.lmp-autoreg",
                "var/sota/.lmp-autoreg/identity.json", "var/sota/.lmp-autoreg/lock",
                "var/lock/aklite.lock", "var/sota/pkey.pem", "var/sota/client.pem",
                "var/sota/sota.toml", "var/sota/compose-apps/app1", "var/sota", "etc/sota")
+# The board's serial (lmp_autoreg.board): its sources, and the wired interface the device
+# is built with (WIRED).
+BOARD_FILES = ("sys/firmware/devicetree/base/serial-number", "sys/class/dmi/id/product_serial",
+               "sys/class/dmi/id/board_serial", "sys/class/net/eth0/address",
+               "sys/class/net/eth0/type", "sys/class/net/eth0", "sys/class/net")
+WIRED = {"address": "00:11:22:33:44:55\n", "type": "1\n", "device": None}
 
 texts = st.one_of(
     st.binary(max_size=40),
@@ -136,8 +142,8 @@ kinds = st.one_of(
                                                 "/nowhere", "inside"]), st.none()),
     st.tuples(st.just("fifo"), st.none(), st.none()),
 )
-device_changes = st.dictionaries(st.sampled_from(SETTINGS_FILES + OTHER_FILES), kinds,
-                                 min_size=1, max_size=4)
+device_changes = st.dictionaries(st.sampled_from(SETTINGS_FILES + OTHER_FILES + BOARD_FILES),
+                                 kinds, min_size=1, max_size=4)
 
 
 def lay_out(root: Path, host: Path, rel: str, kind: tuple) -> bool:
@@ -183,6 +189,7 @@ def test_the_devices_files(registration_server, changes):
         host.mkdir()
         (host / "mine").write_text("the host's\n")
         FakeDevice(root).build()
+        populate(root / "sys/class/net/eth0", WIRED)
         # Deepest last, so that a change of a directory comes before one inside it.
         made = [rel for rel in sorted(changes, key=lambda r: r.count("/"))
                 if lay_out(root, host, rel, changes[rel])]
@@ -197,6 +204,9 @@ def test_the_devices_files(registration_server, changes):
         assert not Path(tmp, STATE).exists() and sorted(os.listdir(tmp)) == ["host", "root"]
         assert rc != 0  # the server never registers
         assert_as_it_was(before, snapshot(root))
+        if data["board"] is not None:  # text, from one of its sources
+            assert data["board"]["serial"].isprintable(), data["board"]
+            assert data["board"]["source"] in {"/" + rel for rel in BOARD_FILES}
         odd = [rel for rel in SETTINGS_FILES
                if rel in made and changes[rel][0] in ("fifo", "dir")]
         if odd and rc != 3:

@@ -15,7 +15,8 @@ from lmp_autoreg import identity
 from lmp_autoreg.errors import LocalFailure
 from lmp_autoreg.paths import DevicePaths
 from lmp_autoreg.state import State
-from lmp_autoreg.testing.server import Reply
+from lmp_autoreg.testing.device import FakeDevice
+from lmp_autoreg.testing.server import RegistrationServer, Reply
 
 from conftest import device_args, run_cli
 from pausing import Paused
@@ -116,13 +117,80 @@ def test_dry_run_creates_nothing_and_shows_the_pending_uuid(device_root, registr
     assert "PRIVATE KEY" not in run.stdout + run.stderr
 
 
-def test_409_for_a_reused_identity_says_what_to_do(device_root, registration_server):
+def left_in(sota: Path) -> dict[str, bytes]:
+    """What the sota dir holds, state included (the lock's pid aside): name -> bytes."""
+    return {str(p.relative_to(sota)): b"" if p.name == "lock" else p.read_bytes()
+            for p in sota.rglob("*") if p.is_file()}
+
+
+def assert_lost_answer_conflict(run, uuid: str, name: str, when: str) -> dict:
+    """Exit 4, and the error's JSON: kind, message and a remedy naming the device."""
+    assert run.returncode == 4, run.stderr
+    error = run.json["error"]
+    assert error["kind"] == "refused" and run.json["exit_code"] == 4
+    assert error["message"].startswith("server refused the registration (HTTP 409)")
+    assert f"uuid {uuid} was sent by {when} whose answer never arrived" in error["message"]
+    remedy = error["remedy"]
+    assert remedy["case"] == "conflict-after-lost-answer"
+    assert remedy["device"] == {"uuid": uuid, "name": name}
+    assert f"fioctl devices delete {name}" in remedy["text"]
+    assert f"keeps the identity {uuid}" in remedy["text"] and "--force" in remedy["text"]
+    assert remedy["text"] in error["message"] and "PRIVATE KEY" not in run.stdout + run.stderr
+    return error
+
+
+def test_409_for_a_reused_identity_says_what_to_do(device_root, registration_server, sota):
     uuid = fail_once(device_root, registration_server)
+    before = left_in(sota)
     registration_server.default = Reply.error(409, "Device already exists")
-    run = run_cli(*device_args(device_root, registration_server))
-    assert run.returncode == 4
-    assert f"uuid {uuid} is the identity of an interrupted attempt" in run.stderr
-    assert "--force" in run.stderr
+    run = run_cli(*device_args(device_root, registration_server, "--json"))
+    assert_lost_answer_conflict(run, uuid, uuid, "an interrupted attempt")
+    # The identity stays as it was, for the run after the device is deleted.
+    assert left_in(sota) == before
+
+
+def test_a_409_for_a_new_identity_has_no_remedy(device_root, registration_server):
+    """A uuid never sent before that the server refuses is not a lost answer's."""
+    registration_server.default = Reply.error(409, "Device already exists")
+    run = run_cli(*device_args(device_root, registration_server, "--json"))
+    assert run.returncode == 4 and run.json["error"]["remedy"] is None
+    assert "answer never arrived" not in run.json["error"]["message"]
+
+
+def test_a_lost_answer_then_409_keeps_the_identity_until_the_device_is_deleted(tmp_path):
+    """The partially detached factory's case (docs/reliability.md section 2): the server
+    creates the device, then its answer is lost; the retry, with the same uuid, gets 409.
+    Exit 4 with the remedy; the key and uuid stay pending, nothing else is written; once
+    the device is deleted in the factory, the next run registers that same identity."""
+    device = FakeDevice(tmp_path / "device", board_serial="SN-0042").build()
+    with RegistrationServer() as server:
+        server.reject_duplicates = True
+        server.enqueue(Reply.truncated(0))  # registered, but the answer never arrives
+        run = run_cli(*device_args(device, server, "--json", "--name", "bench-7"))
+        first, retry = server.posts
+        uuid = first.json["uuid"]
+        assert retry.json["uuid"] == uuid and public_key(retry.json["csr"]) == public_key(
+            first.json["csr"])
+        assert list(server.registered) == [uuid]
+        assert_lost_answer_conflict(run, uuid, "bench-7", "an earlier request of this run")
+        assert run.json["board"] == {"serial": "SN-0042",
+                                     "source": "/sys/firmware/devicetree/base/serial-number"}
+        # On disk: the pending identity alone, the key that the server certified.
+        assert sorted(n for n in left_in(device.sota) if not n.startswith("compose-apps/")
+                      ) == [".lmp-autoreg/identity.json", ".lmp-autoreg/lock"]
+        kept = json.loads((device.sota / ".lmp-autoreg/identity.json").read_text())
+        assert kept["uuid"] == uuid and public_key(kept["key"]) == public_key(first.json["csr"])
+        assert status(device)["pending"] is True
+
+        # The same again: nothing changes while the device is in the factory.
+        again = run_cli(*device_args(device, server, "--json", "--name", "bench-7"))
+        assert_lost_answer_conflict(again, uuid, "bench-7", "an interrupted attempt")
+
+        server.reject_duplicates = False  # the operator deleted bench-7 in the factory
+        done = run_cli(*device_args(device, server, "--json", "--name", "bench-7"))
+        assert done.returncode == 0, done.stderr
+        assert done.json["uuid"] == uuid and done.json["error"] is None
+        assert public_key((device.sota / "pkey.pem").read_bytes()) == public_key(kept["key"])
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
 
+from ..paths import DEVICE_TREE_SERIAL
+
 # A directory: name -> file content (str), sub-directory (Tree), or empty directory (None).
 Tree = Mapping[str, Union[str, "Tree", None]]
 
@@ -43,6 +45,10 @@ class FakeDevice:
     the token file; ``hsm`` is written to ``/etc/sota/hsm`` as ``KEY=VALUE`` lines, e.g.
     ``{"HSM_MODULE": "/usr/lib/softhsm/libsofthsm2.so", "HSM_PIN": "1234",
     "HSM_SOPIN": "5678"}`` (a partial dict makes a partial HSM setting).
+    ``board_serial`` is written as the device tree's ``serial-number``
+    (``/sys/firmware/devicetree/base/serial-number``, which the agent reports as the board's
+    serial, docs/spec.md section 6): text is written NUL-terminated, as the kernel shows it;
+    bytes are written as they are (a damaged value); None writes no file.
     Nothing is written before :meth:`build`.
     """
 
@@ -60,6 +66,7 @@ class FakeDevice:
         tag_file: bool = True,
         hsm: Mapping[str, str] | None = None,
         sota_dir: str = "/var/sota",
+        board_serial: str | bytes | None = None,
     ) -> None:
         self.root = Path(root)
         self.factory = factory
@@ -72,6 +79,7 @@ class FakeDevice:
         self.tag_file = tag_file
         self.hsm = dict(hsm) if hsm is not None else None
         self.sota_dir = sota_dir
+        self.board_serial = board_serial
 
     def path(self, device_path: str) -> Path:
         """The host path of ``device_path`` (e.g. ``/etc/os-release``) under the root."""
@@ -119,6 +127,12 @@ class FakeDevice:
             app: {"docker-compose.yml": _compose_file(app)} for app in self.apps
         }
         populate(self.sota, {"compose-apps": apps})
+        if self.board_serial is not None:
+            serial = self.board_serial
+            data = serial if isinstance(serial, bytes) else serial.encode() + b"\0"
+            path = self.path(str(DEVICE_TREE_SERIAL))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
         return self
 
 
