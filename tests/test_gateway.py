@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
@@ -104,6 +105,61 @@ def test_each_device_gets_its_own_config_and_others_the_default(gateway, ca, tmp
     assert json.loads(request(gateway, mine)[1])["a"]["Value"] == "mine"
     value = json.loads(request(gateway, theirs)[1])["b"]["Value"]
     assert ecies.decrypt(key, base64.b64decode(value)) == b"default"
+
+
+def test_a_groups_files_go_on_top_of_the_common_ones_to_its_devices(ca, tmp_path):
+    grouped, other, own = (f"d0c0ffee-0000-4000-8000-00000000001{i}" for i in range(3))
+    groups = {grouped: "line-1", own: "line-1"}
+    with DeviceGateway(ca, group_of=groups.get) as gateway:
+        plain = {uuid: make_device(ca, uuid, tmp_path)[1] for uuid in (grouped, other, own)}
+        gateway.set_group_config("line-1", {"g": ConfigFile("group", unencrypted=True),
+                                            "c": ConfigFile("group's c", unencrypted=True)})
+        assert set(json.loads(request(gateway, plain[grouped])[1])) == {"g", "c"}
+        assert request(gateway, plain[other])[0] == 204
+        gateway.set_config(None, {"c": ConfigFile("common", unencrypted=True),
+                                  "d": ConfigFile("common d", unencrypted=True)})
+        gateway.set_config(own, {"o": ConfigFile("own", unencrypted=True)})
+
+        def values(uuid):
+            answer = json.loads(request(gateway, plain[uuid])[1])
+            return {name: file["Value"] for name, file in answer.items()}
+
+        assert values(grouped) == {"g": "group", "c": "group's c", "d": "common d"}
+        assert values(other) == {"c": "common", "d": "common d"}
+        assert values(own) == {"o": "own"}  # a device's own configuration is all it gets
+
+
+def test_serve_gives_the_devices_of_a_group_its_config_dir(tmp_path):
+    """`serve --config-dir D`: D's files to every device, D/groups/G/'s to the devices the
+    devices API holds in group G (created here by a PUT, as /sign would)."""
+    config = tmp_path / "config"
+    (config / "groups" / "line-1").mkdir(parents=True)
+    (config / "groups" / "line-2").mkdir(parents=True)
+    (config / "common").write_text("every device\n")
+    (config / "groups" / "line-1" / "l1").write_text("line 1\n")
+    (config / "groups" / "line-2" / "l2").write_text("line 2\n")
+    proc = subprocess.Popen([sys.executable, "-m", "lmp_autoreg.testing", "serve", "--port",
+                             "0", "--gateway", "--config-dir", str(config), "--state-dir",
+                             str(tmp_path / "state"), "--devices-api", "--api-token", "t"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(), stdin=subprocess.DEVNULL)
+    try:
+        lines = [proc.stdout.readline() for _ in range(4)]
+        assert lines[2].startswith("api: http://") and lines[3].startswith("gateway: https://")
+        api, port = lines[2][5:].strip(), int(lines[3].rsplit(":", 1)[1])
+        served = ThrowawayCA.load_or_create(tmp_path / "state", "acme")
+        key, ctx = make_device(served, UUID, tmp_path)
+        put = requests.put(api, json={"client.pem": (tmp_path / f"{UUID}.pem").read_text(),
+                                      "group": "line-1"}, headers={"OSF-TOKEN": "t"}, timeout=30)
+        assert put.status_code == 201
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        conn.request("GET", "/config")
+        answer = json.loads(conn.getresponse().read())
+        assert sorted(answer) == ["common", "l1"]
+        assert ecies.decrypt(key, base64.b64decode(answer["l1"]["Value"])) == b"line 1\n"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_304_when_if_modified_since_is_not_older(gateway, ca, tmp_path):

@@ -186,3 +186,42 @@ def test_serve_on_a_port_in_use_fails_with_exit_1():
     assert proc.returncode == 1
     assert "cannot listen" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_serve_partially_detached_keeps_its_devices_across_a_restart(serve, tmp_path):
+    """`serve --partially-detached`: /sign creates each device in the kit's devices API (in
+    the group), which `api: URL` names; a restart from the state dir keeps the devices, so
+    the same uuid registered again ends in the API's 409 at the device."""
+    state, token = tmp_path / "state", tmp_path / "api-token"
+    token.write_text("api-secret\n")
+    args = ("--state-dir", str(state), "--partially-detached", "--device-group", "line-1",
+            "--api-token-file", str(token))
+    first = serve("--port", "0", *args)
+    try:
+        api = first._line("api")
+        assert api == first.url.removesuffix("/sign") + "/ota/devices/"
+        device = FakeDevice(tmp_path / "dev").build()
+        run = register(device, first.url, "--production")
+        assert run.returncode == 0, run.stderr
+        uuid = run.json["uuid"]
+        assert requests.get(api, timeout=10).status_code == 401
+    finally:
+        code, err = first.stop()
+    assert code == 0 and "api-secret" not in err and "Traceback" not in err
+    again = serve("--port", str(first.port), *args)
+    try:
+        assert again._line("api") == api
+        listed = requests.get(api, headers={"OSF-TOKEN": "api-secret"}, timeout=10).json()
+        assert [(d["uuid"], d["device-group"]) for d in listed["devices"]] == [(uuid, "line-1")]
+        run = register(device, again.url, "--production", "--force", "--uuid", uuid)
+        assert run.returncode == 4 and "(HTTP 409)" in run.json["error"]["message"]
+    finally:
+        assert again.stop()[0] == 0
+
+
+def test_serve_devices_api_without_a_token_exits_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmp_autoreg.testing", "serve", "--port", "0", "--devices-api"],
+        capture_output=True, text=True, timeout=60, env=clean_env(),
+    )
+    assert proc.returncode == 2 and "--api-token" in proc.stderr and proc.stdout == ""

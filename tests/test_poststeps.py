@@ -382,6 +382,30 @@ def test_configuration_arrives_decrypted_into_a_new_secrets_dir(
     assert get.device == run.json["uuid"] and get.request.path == "/config"
 
 
+@pytest.mark.registration_server(partially_detached=True, device_group="line-1")
+def test_a_partially_detached_device_gets_its_groups_files_at_the_first_checkin(
+    live_root, device_root, registration_server, fakes, no_systemd, tmp_path
+):
+    """The server creates the device in its devices API in group line-1 before answering;
+    the first check-in then brings the files of every device and those of line-1, and
+    none of another group's."""
+    gateway = registration_server.gateway
+    gateway.set_config(None, {"common.conf": "every device\n", "shared": "common\n"})
+    gateway.set_group_config("line-1", {"line.conf": "line 1\n", "shared": "line 1 wins\n"})
+    gateway.set_group_config("line-2", {"other.conf": "line 2\n"})
+    run = register(device_root, registration_server, fakes,
+                   checkin_env(no_systemd, tmp_path), "--no-start")
+    assert run.returncode == 0, run.stderr
+    assert run.json["fioconfig"] == "ok"
+    assert registration_server.devices_api.group_of(run.json["uuid"]) == "line-1"
+    secrets = tmp_path / "run" / "secrets"
+    assert sorted(p.name for p in secrets.iterdir()) == ["common.conf", "line.conf", "shared"]
+    assert (secrets / "common.conf").read_text() == "every device\n"
+    assert (secrets / "line.conf").read_text() == "line 1\n"
+    assert (secrets / "shared").read_text() == "line 1 wins\n"
+    [get] = gateway.requests  # one check-in: the first one had it all
+
+
 def test_a_handler_failing_with_123_is_reported(
     live_root, device_root, registration_server, fakes, no_systemd, tmp_path
 ):

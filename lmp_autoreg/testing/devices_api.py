@@ -1,7 +1,7 @@
 """The test kit's stand-in for the Foundries devices API (``/ota/devices/``).
 
 A partially detached factory's registration server creates each device it signs in this
-API before it answers the device (docs/spec.md section 8.3). ``RegistrationServer(
+API before it answers the device (docs/spec.md section 8). ``RegistrationServer(
 devices_api=True)`` serves it under ``/ota/devices/`` beside ``/sign``:
 
 - every request needs the ``OSF-TOKEN`` header: 401 without it, 403 with another token;

@@ -2,7 +2,7 @@
 
 The reference server (factory-registration-ref, with ``FIO_API_TOKEN`` and
 ``DEVICE_REGISTRATION_API``) does it before it answers ``/sign``, and the kit's server
-does it the same way (docs/spec.md section 8.3): a ``PUT`` to the API with the
+does it the same way (docs/spec.md section 8): a ``PUT`` to the API with the
 ``OSF-TOKEN`` header and a JSON body of ``client.pem`` (the certificate just signed), the
 device's ``name`` when it sent one and the server's ``group`` when it has one. A 409 ends
 it at once and the device gets the 409 with the API's text; another failure is tried
