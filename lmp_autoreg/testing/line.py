@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmp_autoreg.testing import chaos as chaoslib
-from lmp_autoreg.testing.device import FakeDevice, populate
+from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.fioconfig import CheckIn, Config, Fatal
 from lmp_autoreg.testing.kitprocess import KitOptions, KitProcess, KitRun, fingerprint
 from lmp_autoreg.testing.record import Row, row, write_csv, write_jsonl
@@ -166,8 +166,8 @@ class Line:
         serial = board_serial(o.seed, station)
         root = o.out / "devices" / f"{station:04d}"
         board = Station(station, serial, root)
-        FakeDevice(root, factory=self.factory, token=None, hostname=f"board-{station}").build()
-        populate(root / "proc" / "device-tree", {"serial-number": serial + "\0"})
+        FakeDevice(root, factory=self.factory, token=None, hostname=f"board-{station}",
+                   board_serial=serial).build()
         self._strike(station)
         kit = self._kit
         url = kit.url if kit is not None else o.device_api
@@ -221,7 +221,7 @@ class Line:
     def _account(self, stations: list[Station], wall: float, runner: float) -> dict[str, Any]:
         o = self.options
         api_devices = self.runs[-1].api_devices if self.runs else []
-        groups = {d.get("uuid"): d.get("group") for d in api_devices}
+        groups = {d.get("uuid"): group_name(d.get("group")) for d in api_devices}
         rows: list[Row] = []
         boards: dict[int, Board] = {}
         for s in stations:
@@ -264,6 +264,12 @@ class Line:
              + (f", --chaos {','.join(o.chaos)}" if o.chaos else "")
              + (", partially detached" if o.partially_detached else ""))
         return summary
+
+
+def group_name(group: object) -> str | None:
+    """A device's group as the devices API shows it (``{"name": G}``, or G)."""
+    name = group.get("name") if isinstance(group, dict) else group
+    return name if isinstance(name, str) else None
 
 
 def outcome(entry: Row, installed: str | None) -> str:

@@ -62,19 +62,24 @@ class Board:
 
 def operator_case(result: Mapping[str, Any], exit_code: int, stderr: str) -> tuple[str, str]:
     """Why a device needs an operator, and the remedy: the agent's, when its JSON error
-    carries one, else one by exit code."""
+    carries one (``error.remedy.text``), else one by exit code."""
     error = result.get("error")
     why: str | None = None
     remedy: str | None = None
     if isinstance(error, Mapping):
-        why = error.get("message") if isinstance(error.get("message"), str) else None
-        remedy = error.get("remedy") if isinstance(error.get("remedy"), str) else None
-    elif isinstance(error, str):
-        why = error
+        why = _text(error.get("message"))
+        given = error.get("remedy")
+        remedy = _text(given.get("text")) if isinstance(given, Mapping) else _text(given)
+    else:
+        why = _text(error)
     if why is None:
         lines = [line for line in stderr.splitlines() if line.strip()]
         why = lines[-1] if lines else f"exit {exit_code} without a message"
     return why, remedy or REMEDIES.get(exit_code, OTHER_REMEDY)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def percentile(values: Sequence[float], fraction: float) -> float | None:
