@@ -220,8 +220,9 @@ class Line:
 
     def _account(self, stations: list[Station], wall: float, runner: float) -> dict[str, Any]:
         o = self.options
-        api_devices = self.runs[-1].api_devices if self.runs else []
-        groups = {d.get("uuid"): group_name(d.get("group")) for d in api_devices}
+        api_devices = [{**d, "group": group_name(d.get("group"))}
+                       for d in (self.runs[-1].api_devices if self.runs else [])]
+        groups = {d.get("uuid"): d["group"] for d in api_devices}
         rows: list[Row] = []
         boards: dict[int, Board] = {}
         for s in stations:
