@@ -97,6 +97,14 @@ def test_an_operator_case_passes_only_where_a_lost_answer_predicts_it():
     assert not fully["passed"]
 
 
+def test_an_answer_signed_before_a_restart_may_have_arrived():
+    rows = [entry(0, "u0", serial="B0")]
+    summary = account(rows, {0: Board("B0", "f0")}, issued=[Issued("u0", "f0", 9)],
+                      api=[{"uuid": "u0"}], events=[{"kind": "restart", "time": 10.0}],
+                      partially_detached=True)
+    assert summary["passed"], summary["problems"]
+
+
 def test_a_board_reporting_another_serial_fails_the_line():
     summary = account([entry(0, "u0", serial="B9")], {0: Board("B0", "f0")})
     assert any("reported board B9" in p for p in summary["problems"])

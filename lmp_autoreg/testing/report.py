@@ -163,7 +163,7 @@ def summarize(
     the line (``checked_in``: every registered device was to get configuration files at
     its check-in)."""
     restarts = [float(e["time"]) for e in events if e.get("kind") == "restart"]
-    lost = lost_uuids(issued, restarts)
+    orphaned = orphans(issued, boards, lost_uuids(issued, restarts))
     registered = [e for e in rows if e["exit_code"] == 0 and boards[e["station"]].installed]
     operator = [
         {"uuid": e["uuid"], "board_serial": e["board_serial"] or boards[e["station"]].serial,
@@ -176,7 +176,7 @@ def summarize(
         "refused": sum(1 for e in rows if e["exit_code"] == 4),
         "operator": operator,
         "duplicates": duplicates(rows, boards),
-        "orphan_certificates": orphans(issued, boards, lost),
+        "orphan_certificates": orphaned,
         "ghosts": ghosts(rows, api_devices),
     }
     seconds = [float(e["seconds"]) for e in rows]
@@ -188,7 +188,8 @@ def summarize(
         wall_seconds=round(wall_seconds, 3),
         chaos=list(events),
     )
-    problems = verdict(rows, boards, summary, lost, partially_detached)
+    problems = verdict(rows, boards, summary, {o["uuid"] for o in orphaned if o["why"]},
+                       {i.uuid for i in issued if i.lost}, partially_detached)
     problems += [f"station {e['station']} (uuid {e['uuid']}): registered, but no configuration "
                  "arrived at its check-in" for e in registered
                  if checked_in and not e["config_files"]]
@@ -201,19 +202,21 @@ def verdict(
     boards: Mapping[int, Board],
     summary: Mapping[str, Any],
     lost: set[str],
+    dropped: set[str],
     partially_detached: bool,
 ) -> list[str]:
-    """What keeps the line from passing (empty: it passed)."""
+    """What keeps the line from passing (empty: it passed). ``lost``: the uuids whose
+    answer was lost (an explained orphan certificate); ``dropped``: those whose answer
+    ``lost-answer`` dropped on purpose."""
     problems: list[str] = []
     for entry in rows:
         board = boards[entry["station"]]
         where = f"station {entry['station']} (board {board.serial}, uuid {entry['uuid']})"
-        predicted_operator = partially_detached and entry["uuid"] in lost
         if entry["exit_code"] == 0 and not board.installed:
             problems.append(f"{where}: exit 0, but no certificate is installed")
-        elif entry["exit_code"] != 0 and not predicted_operator:
+        elif entry["exit_code"] != 0 and not (partially_detached and entry["uuid"] in lost):
             problems.append(f"{where}: exit {entry['exit_code']} ({board.why})")
-        elif entry["exit_code"] == 0 and predicted_operator:
+        elif entry["exit_code"] == 0 and partially_detached and entry["uuid"] in dropped:
             problems.append(f"{where}: registered, though the devices API held its uuid")
         if entry["board_serial"] is not None and entry["board_serial"] != board.serial:
             problems.append(f"{where}: the agent reported board {entry['board_serial']}")
