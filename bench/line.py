@@ -4,11 +4,14 @@ Runs the same line (``python -m lmp_autoreg.testing line``: real agent processes
 the kit's server, in its own process, and its gateway) at ``--parallel`` 1, 2 and the
 machine's cores, one after another in this run, and prints, as ratios of this run: devices
 a minute and the speedup over K=1, the agents' CPU seconds a device, and the kit server's
-share of the line's CPU (agents + kit server + the line runner). With ``--plot PNG`` it
+share of the line's CPU (agents + kit server + the line runner). ``--rounds R`` runs the
+levels R times, in turn forwards and backwards (1, 2, 2, 1, ...), so that a change in the
+machine's load touches every level alike, and reports each level's median. With ``--plot PNG`` it
 draws the curve (docs/performance.md shows it). Results go to
 ``bench/results/line.json`` and ``line.md``.
 
-Usage: ``python bench/line.py [--devices N] [--parallel 1,2,4] [--plot PNG] [--out DIR]``.
+Usage: ``python bench/line.py [--devices N] [--parallel 1,2,4] [--rounds R] [--plot PNG]
+[--out DIR]``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -35,8 +39,7 @@ def levels(text: str | None) -> list[int]:
     return sorted({1, 2, os.cpu_count() or 1})
 
 
-def measure(devices: int, parallel: int, scratch: Path) -> dict[str, float]:
-    out = scratch / f"k{parallel}"
+def measure(devices: int, parallel: int, out: Path) -> dict[str, float]:
     summary = Line(LineOptions(out=out, devices=devices, parallel=parallel),
                    progress=io.StringIO()).run()
     if not summary["passed"]:
@@ -50,6 +53,11 @@ def measure(devices: int, parallel: int, scratch: Path) -> dict[str, float]:
         "agent_cpu_seconds_per_device": cpu["agent_seconds_per_device"],
         "kit_server_share": cpu["kit_server_share"],
     }
+
+
+def median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the runs of one level."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 def table(rows: list[dict[str, float]]) -> str:
@@ -71,22 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=30, help="devices a line (default 30)")
     parser.add_argument("--parallel", help="comma-separated K (default 1, 2, the cores)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each level (default 2)")
     parser.add_argument("--plot", type=Path, help="draw the curve into this PNG")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
-    rows = []
+    ks = levels(args.parallel)
+    runs: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
     with tempfile.TemporaryDirectory(prefix="lmp-autoreg-bench-line-") as scratch:
-        for k in levels(args.parallel):
-            rows.append(measure(args.devices, k, Path(scratch)))
-            print(f"--parallel {k}: {rows[-1]['devices_per_minute']:.1f} devices a minute",
-                  flush=True)
+        for round_ in range(args.rounds):
+            for k in ks if round_ % 2 == 0 else reversed(ks):
+                run = measure(args.devices, k, Path(scratch) / f"r{round_}-k{k}")
+                runs[k].append(run)
+                print(f"--parallel {k}: {run['devices_per_minute']:.1f} devices a minute",
+                      flush=True)
+    rows = [median(runs[k]) for k in ks]
     text = table(rows)
     machine = f"{platform.python_version()}, {os.cpu_count()} cores"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "line.md").write_text(text + "\n", encoding="utf-8")
-    (args.out / "line.json").write_text(json.dumps({"machine": machine, "rows": rows},
-                                                   indent=2) + "\n", encoding="utf-8")
+    (args.out / "line.json").write_text(json.dumps({"machine": machine, "rows": rows,
+                                                    "runs": runs}, indent=2) + "\n",
+                                                   encoding="utf-8")
     if args.plot:
         draw_speedup([(int(r["parallel"]), r["devices_per_minute"]) for r in rows], args.plot,
                      title=f"Factory line: {args.devices} devices ({machine})")
