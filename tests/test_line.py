@@ -5,6 +5,7 @@ Big lines are the benchmark's (bench/line.py, docs/performance.md), never here.
 """
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from lmp_autoreg.testing.chaos import BURST, SLOW_SECONDS
-from lmp_autoreg.testing.line import Line, LineOptions
+from lmp_autoreg.testing.line import Line, LineOptions, Progress, Station
 from lmp_autoreg.testing.record import COLUMNS
 
 SUMMARY_KEYS = {"registered", "refused", "operator", "duplicates", "orphan_certificates",
@@ -126,3 +127,18 @@ def test_the_cli_refuses_what_it_cannot_do(tmp_path, args):
                           "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and not (tmp_path / "out").exists()
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_the_progress_is_one_bar_redrawn(tmp_path):
+    terminal = Terminal()
+    progress = Progress(2, terminal)
+    for station, code in ((0, 0), (1, 4)):
+        progress.finished(Station(station, f"B{station}", tmp_path, exit_code=code))
+    text = terminal.getvalue()
+    assert text.count("\r[") == 2 and text.count("\n") == 1 and text.endswith("\n")
+    assert "2/2, 1 for an operator" in text
