@@ -4,7 +4,9 @@ Runs the same line (``python -m lmp_autoreg.testing line``: real agent processes
 the kit's server, in its own process, and its gateway) at ``--parallel`` 1, 2 and the
 machine's cores, one after another in this run, and prints, as ratios of this run: devices
 a minute and the speedup over K=1, the agents' CPU seconds a device, and the kit server's
-share of the line's CPU (agents + kit server + the line runner). ``--rounds R`` runs the
+share of the line's CPU (agents + kit server + the line runner), and the cores the line
+kept busy (its CPU seconds over its wall seconds: on a machine other jobs load, K=2 gains
+only as far as a second core is free). ``--rounds R`` runs the
 levels R times, in turn forwards and backwards (1, 2, 2, 1, ...), so that a change in the
 machine's load touches every level alike, and reports each level's median. With ``--plot PNG`` it
 draws the curve (docs/performance.md shows it). Results go to
@@ -52,6 +54,8 @@ def measure(devices: int, parallel: int, out: Path) -> dict[str, float]:
         "p50_seconds": summary["p50_seconds"],
         "agent_cpu_seconds_per_device": cpu["agent_seconds_per_device"],
         "kit_server_share": cpu["kit_server_share"],
+        "cores_busy": round((cpu["agents_seconds"] + cpu["kit_server_seconds"]
+                             + cpu["line_runner_seconds"]) / summary["wall_seconds"], 3),
     }
 
 
@@ -64,14 +68,15 @@ def table(rows: list[dict[str, float]]) -> str:
     base = rows[0]["devices_per_minute"]
     lines = [
         "| --parallel | devices | devices a minute | speedup | p50 s a device | "
-        "agent CPU s a device | kit server's share of the line's CPU |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "agent CPU s a device | kit server's share of the line's CPU | cores busy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['parallel']} | {r['devices']} | {r['devices_per_minute']:.1f} | "
+            f"| {r['parallel']:.0f} | {r['devices']:.0f} | {r['devices_per_minute']:.1f} | "
             f"{r['devices_per_minute'] / base:.2f} | {r['p50_seconds']:.2f} | "
-            f"{r['agent_cpu_seconds_per_device']:.3f} | {100 * r['kit_server_share']:.1f} % |")
+            f"{r['agent_cpu_seconds_per_device']:.3f} | {100 * r['kit_server_share']:.1f} % | "
+            f"{r['cores_busy']:.2f} |")
     return "\n".join(lines)
 
 
