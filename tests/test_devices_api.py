@@ -143,6 +143,14 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | any_text(20),
 FIELDS = st.fixed_dictionaries({}, optional={"client.pem": JSON, "name": JSON, "group": JSON})
 
 
+@pytest.mark.parametrize("saved", ["", "[]", '{"devices": [{"uuid": "u"}]}'])
+def test_a_store_that_holds_no_devices_list_is_refused_not_overwritten(tmp_path, saved):
+    (tmp_path / STORE).write_text(saved)
+    with pytest.raises(ValueError, match="does not hold a list of devices"):
+        RegistrationServer(devices_api=True, state_dir=tmp_path)
+    assert (tmp_path / STORE).read_text() == saved
+
+
 def dumps(value) -> bytes:
     return json.dumps(value).encode("utf-8", "surrogatepass")
 

@@ -200,10 +200,16 @@ class DevicesAPI:
     # -- keeping the devices --------------------------------------------------------------
 
     def _load(self) -> dict[str, Device]:
+        """The devices of the store; ValueError when it holds something else (it is
+        never overwritten then)."""
         if self.store is None or not self.store.exists():
             return {}
-        saved = json.loads(self.store.read_text(encoding="utf-8"))
-        return {d["uuid"]: Device(**d) for d in saved["devices"]}
+        try:
+            saved = json.loads(self.store.read_text(encoding="utf-8"))
+            return {d["uuid"]: Device(**d) for d in saved["devices"]}
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{self.store} does not hold a list of devices: {error!r}"
+                             ) from error
 
     def _save(self) -> None:
         """Write the devices to the store atomically (a temporary file, fsync, rename);

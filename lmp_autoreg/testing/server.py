@@ -632,7 +632,8 @@ class RegistrationServer(_Loopback):
             self._mounts.append((API_PREFIX, self.devices_api.answer))
         #: With ``gateway=DeviceGateway`` (``lmp_autoreg.testing.gateway``): the device
         #: gateway that the ``sota.toml`` it sends names in ``tls.server``, made with the
-        #: same CA, host and names, started and stopped with the server.
+        #: same CA, host and names and the devices API's groups (``group_of``), started
+        #: and stopped with the server.
         self.gateway: Gateway | None = None
         if gateway is not None:
             self.gateway = gateway(self.ca, host=host, port=gateway_port, tls_names=tls_names,
