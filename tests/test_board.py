@@ -27,15 +27,15 @@ def write(path: str, data: bytes | str) -> None:
 
 
 def interface(root: str, name: str, address: str, *, kind: str = "1", device: bool = True,
-              wireless: bool = False, assign: str = "0") -> None:
+              wireless: str | None = None, assign: str = "0") -> None:
     """``/sys/class/net/<name>`` as the kernel shows an interface (a directory here, where
     the kernel has a link into /sys/devices: the agent follows either)."""
     files: dict = {"address": address + "\n", "type": kind + "\n",
                    "addr_assign_type": assign + "\n"}
     if device:
         files["device"] = None
-    if wireless:
-        files["wireless"] = None
+    if wireless:  # what marks Wi-Fi: "wireless" (a directory), "phy80211" (a link)
+        files[wireless] = None
     populate(os.path.join(root, "sys/class/net", name), files)
 
 
@@ -83,14 +83,15 @@ def test_else_the_first_wired_interface_sorted_by_name(device):
     interface("/", "end0", "00:00:00:00:00:00")  # no address
     interface("/", "enu1", "06:11:22:33:44:77", assign="1")  # random, new at every boot
     interface("/", "eth0", "00:11:22:33:44:55")
-    interface("/", "dlan0", "00:11:22:33:44:99", wireless=True)  # Wi-Fi
+    interface("/", "dlan0", "00:11:22:33:44:99", wireless="wireless")  # Wi-Fi
+    interface("/", "dlan1", "00:11:22:33:44:98", wireless="phy80211")
     assert read() == {"serial": "00:11:22:33:44:55",
                       "source": "/sys/class/net/eth0/address"}
 
 
 def test_none(device):
     assert read() is None
-    interface("/", "wlan0", "00:11:22:33:44:55", wireless=True)
+    interface("/", "wlan0", "00:11:22:33:44:55", wireless="wireless")
     interface("/", "lo", "00:00:00:00:00:00", kind="772", device=False)
     assert read() is None
 

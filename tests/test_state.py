@@ -5,6 +5,8 @@ import fcntl
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from lmp_autoreg.state import State
 from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.server import RegistrationServer, Reply
 
-from conftest import device_args, run_cli
+from conftest import clean_env, device_args, run_cli
 from pausing import Paused
 
 # A server that asks to be retried in an hour: the agent gives up at once (exit 5) after
@@ -155,6 +157,28 @@ def test_a_409_for_a_new_identity_has_no_remedy(device_root, registration_server
     run = run_cli(*device_args(device_root, registration_server, "--json"))
     assert run.returncode == 4 and run.json["error"]["remedy"] is None
     assert "answer never arrived" not in run.json["error"]["message"]
+
+
+def test_a_409_after_no_connection_has_no_remedy(device_root):
+    """A request that found no connection never reached the server, so the 409 that the
+    next one gets is not a lost answer's."""
+    with RegistrationServer(listen_delay=None) as server:
+        server.default = Reply.error(409, "Device already exists")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lmp_autoreg",
+             *device_args(device_root, server, "--timeout", "60", "--json")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, env=clean_env(),
+        )
+        assert proc.stderr is not None and proc.stdout is not None
+        listening = False
+        for line in proc.stderr:
+            if "Connection refused" in line and not listening:
+                server.listen()
+                listening = True
+        out = json.loads(proc.stdout.read())
+        assert proc.wait(60) == 4 and len(server.posts) == 1
+    assert out["error"]["remedy"] is None and "never arrived" not in out["error"]["message"]
 
 
 def test_a_lost_answer_then_409_keeps_the_identity_until_the_device_is_deleted(tmp_path):
