@@ -57,7 +57,9 @@ def row(
     config_files: Sequence[str],
 ) -> Row:
     """The record of one device, from the agent's JSON ``result`` and its stderr."""
-    certificate = result.get("certificate") or {}
+    certificate = result.get("certificate")
+    if not isinstance(certificate, Mapping):
+        certificate = {}
     return {
         "station": station,
         "board_serial": board_serial(result),
@@ -67,7 +69,7 @@ def row(
         "certificate_serial": certificate.get("serial"),
         "not_after": certificate.get("not_after"),
         "exit_code": exit_code,
-        "result": result.get("result") or "no result",
+        "result": result.get("result") if isinstance(result.get("result"), str) else "no result",
         "attempts": attempts(stderr),
         "seconds": round(seconds, 3),
         "config_files": sorted(config_files),
@@ -83,7 +85,8 @@ def _cell(value: Any) -> str:
 
 
 def write_csv(path: Path, rows: Iterable[Row]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as handle:
+    # A lone surrogate (JSON's "\ud800" in an agent's result) is written as its escape.
+    with open(path, "w", encoding="utf-8", errors="backslashreplace", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         for entry in rows:
