@@ -1,4 +1,6 @@
-"""``python -m lmp_autoreg.testing serve``: the kit's registration server, standalone.
+"""``python -m lmp_autoreg.testing serve``: the kit's registration server, standalone;
+``python -m lmp_autoreg.testing line``: a rehearsed factory line through it
+(:mod:`lmp_autoreg.testing.line`, docs/testing.md).
 
 For a developer pointing a real board at a laptop, and for the boot test. It serves until
 SIGINT or SIGTERM, and prints two lines a script can read, each flushed at once::
