@@ -5,8 +5,9 @@ the kit's server, in its own process, and its gateway) at ``--parallel`` 1, 2 an
 machine's cores, one after another in this run, and prints, as ratios of this run: devices
 a minute and the speedup over K=1, the agents' CPU seconds a device, and the kit server's
 share of the line's CPU (agents + kit server + the line runner), and the cores the line
-kept busy (its CPU seconds over its wall seconds: on a machine other jobs load, K=2 gains
-only as far as a second core is free). ``--rounds R`` runs the
+kept busy (its CPU seconds over its wall seconds), beside what the machine gives K
+CPU-bound processes at the same moment (``ceiling``: K copies of a busy loop against one;
+on a machine other jobs load, the line's speedup can reach only that). ``--rounds R`` runs the
 levels R times, in turn forwards and backwards (1, 2, 2, 1, ...), so that a change in the
 machine's load touches every level alike, and reports each level's median. With ``--plot PNG`` it
 draws the curve (docs/performance.md shows it). Results go to
@@ -24,8 +25,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from lmp_autoreg.testing.line import Line, LineOptions
@@ -39,6 +42,22 @@ def levels(text: str | None) -> list[int]:
     if text:
         return sorted({int(k) for k in text.split(",")})
     return sorted({1, 2, os.cpu_count() or 1})
+
+
+# A busy loop of about half a second: the machine's own speedup for K processes.
+BUSY = [sys.executable, "-c", "sum(range(3 * 10**7))"]
+
+
+def ceiling(parallel: int) -> float:
+    """The speedup the machine gives ``parallel`` CPU-bound processes now: ``parallel``
+    times one busy loop's wall time over that of ``parallel`` at once."""
+    def wall(copies: int) -> float:
+        start = time.monotonic()
+        for process in [subprocess.Popen(BUSY) for _ in range(copies)]:
+            process.wait()
+        return time.monotonic() - start
+
+    return round(parallel * wall(1) / wall(parallel), 3)
 
 
 def measure(devices: int, parallel: int, out: Path) -> dict[str, float]:
@@ -56,6 +75,7 @@ def measure(devices: int, parallel: int, out: Path) -> dict[str, float]:
         "kit_server_share": cpu["kit_server_share"],
         "cores_busy": round((cpu["agents_seconds"] + cpu["kit_server_seconds"]
                              + cpu["line_runner_seconds"]) / summary["wall_seconds"], 3),
+        "ceiling": ceiling(parallel),
     }
 
 
@@ -68,15 +88,16 @@ def table(rows: list[dict[str, float]]) -> str:
     base = rows[0]["devices_per_minute"]
     lines = [
         "| --parallel | devices | devices a minute | speedup | p50 s a device | "
-        "agent CPU s a device | kit server's share of the line's CPU | cores busy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "agent CPU s a device | kit server's share of the line's CPU | cores busy | "
+        "the machine's speedup for K busy processes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['parallel']:.0f} | {r['devices']:.0f} | {r['devices_per_minute']:.1f} | "
             f"{r['devices_per_minute'] / base:.2f} | {r['p50_seconds']:.2f} | "
             f"{r['agent_cpu_seconds_per_device']:.3f} | {100 * r['kit_server_share']:.1f} % | "
-            f"{r['cores_busy']:.2f} |")
+            f"{r['cores_busy']:.2f} | {r['ceiling']:.2f} |")
     return "\n".join(lines)
 
 
@@ -108,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    encoding="utf-8")
     if args.plot:
         draw_speedup([(int(r["parallel"]), r["devices_per_minute"]) for r in rows], args.plot,
-                     title=f"Factory line: {args.devices} devices ({machine})")
+                     title=f"Factory line: {args.devices} devices ({machine})",
+                     ceiling=[r["ceiling"] for r in rows])
     return 0
 
 

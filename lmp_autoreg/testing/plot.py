@@ -121,9 +121,16 @@ def draw(
     plt.close(fig)
 
 
-def draw_speedup(points: Sequence[tuple[int, float]], png: Path, *, title: str) -> None:
+def draw_speedup(
+    points: Sequence[tuple[int, float]],
+    png: Path,
+    *,
+    title: str,
+    ceiling: Sequence[float] = (),
+) -> None:
     """The benchmark's curve: devices a minute at each ``--parallel`` (K, rate), with the
-    ideal line of K times the rate at K=1."""
+    ideal line of K times the rate at K=1, and, given the machine's speedup for K busy
+    processes at each K (``ceiling``), the rate at K=1 times it: what the machine allowed."""
     plt = _pyplot()
     fig, axis = plt.subplots(figsize=(6, 4))
     ks = [k for k, _ in points]
@@ -133,6 +140,9 @@ def draw_speedup(points: Sequence[tuple[int, float]], png: Path, *, title: str) 
         base = points[0][1] / points[0][0]
         axis.plot(ks, [base * k for k in ks], linestyle=":", color="grey",
                   label="linear in K")
+    if ceiling:
+        axis.plot(ks, [points[0][1] * c / ceiling[0] for c in ceiling], linestyle="--",
+                  color="#e65100", label="what the machine gave K busy processes")
     axis.set_xlabel("--parallel K")
     axis.set_ylabel("devices a minute")
     axis.set_xticks(ks)
