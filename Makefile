@@ -4,11 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # systemd-python builds only where libsystemd's headers are installed (.ci/run installs them).
-EXTRAS := test,dev$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
+EXTRAS := test,dev,kit$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
 .PHONY: all venv demo test test-long test-target lint bench bench-check bench-target boot-test \
-	clean FORCE
+	line bench-line clean FORCE
 
 all: test
 
@@ -58,6 +58,20 @@ bench: $(STAMP)
 
 bench-check: $(STAMP)
 	$(PY) bench/run.py --check $(BENCH_ARGS)
+
+# A rehearsed factory line (docs/testing.md): 50 devices through the kit's server with a
+# restart, lost answers and a burst of 503s; the record, summary and pictures in LINE_OUT.
+LINE_OUT ?= line-rehearsal
+LINE_ARGS ?=
+line: $(STAMP)
+	rm -rf $(LINE_OUT)
+	$(PY) -m lmp_autoreg.testing line --devices 50 --chaos restart,lost-answer,5xx \
+		--out $(LINE_OUT) $(LINE_ARGS)
+
+# The line's throughput at --parallel 1, 2 and the cores (docs/performance.md); the curve
+# into docs/performance-line.png.
+bench-line: $(STAMP)
+	$(PY) bench/line.py --plot docs/performance-line.png $(BENCH_ARGS)
 
 # The same in the forky root of test-target (results in bench/results/forky);
 # BENCH_ARGS=--check for its budgets.

@@ -17,6 +17,7 @@ from typing import Any
 
 import requests
 import urllib3
+from urllib3.exceptions import ProtocolError
 
 from . import __version__, checked
 from .errors import BadAnswer, NoAnswer, ServerRefused, Unreachable
@@ -225,6 +226,12 @@ def request_failure(
     if isinstance(error, requests.exceptions.Timeout):
         return NoAnswer(f"no answer from {url} within {timeout:.1f} s")
     if isinstance(error, requests.exceptions.ConnectionError):
+        aborted = error.args[0] if error.args else None
+        if isinstance(aborted, ProtocolError):
+            # "Connection aborted.": connected, sent, then hung up on: the server may have
+            # acted on the request (a lost answer), so it is not "never arrived".
+            why = next((a for a in aborted.args if isinstance(a, Exception)), aborted)
+            return NoAnswer(f"{url} hung up without an answer: {_reason(why)}")
         return Unreachable(f"cannot reach {url}: {_reason(error)}")
     return NoAnswer(f"broken answer from {url}: {_reason(error)}")
 

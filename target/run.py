@@ -5,7 +5,7 @@ A factory ships LmP on Yocto wrynose: Python 3.14 with cryptography 46.0.5, requ
 that stack: a Debian forky root (Python 3.14, systemd 262) made with debootstrap from the
 mirror this machine's apt uses, with a venv at VENV holding exactly those versions (PINS;
 the packages without a wheel for 3.14 are compiled in the root) and the suite's own
-dependencies (pyproject's ``test`` and ``dev`` extras), and the system tools the suite
+dependencies (pyproject's ``test``, ``dev`` and ``kit`` extras), and the system tools the suite
 needs (PACKAGES, as .ci/run installs them on the host).
 
 Two cached tarballs under ``~/.cache/lmp-autoreg-target``: the debootstrap base, keyed on
@@ -64,7 +64,7 @@ PACKAGES = (
 # The versions wrynose ships (openembedded-core and meta-python).
 PINS = ("cryptography==46.0.5", "requests==2.32.5", "python-pkcs11==0.7.0",
         "systemd-python==235")
-EXTRAS = ("test", "dev")
+EXTRAS = ("test", "dev", "kit")
 VENV = "/opt/lmp-autoreg-target"
 # The host's CA bundle, for pip in the root (this machine may reach PyPI through a proxy
 # whose CA only the host's bundle has).

@@ -1,7 +1,10 @@
 """The request on the wire (docs/spec.md section 2), as the test kit's server receives it."""
 
+import http.client
+
 import pytest
 import requests
+import urllib3
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -106,6 +109,9 @@ REFUSED = ConnectionRefusedError(111, "Connection refused")
     (requests.exceptions.ConnectionError(REFUSED), Unreachable,
      f"cannot reach {URL}: [Errno 111] Connection refused"),
     (requests.exceptions.ReadTimeout("t"), NoAnswer, f"no answer from {URL} within 2.5 s"),
+    (requests.exceptions.ConnectionError(urllib3.exceptions.ProtocolError(
+        "Connection aborted.", http.client.RemoteDisconnected("Remote end closed"))),
+     NoAnswer, f"{URL} hung up without an answer: Remote end closed"),
     (requests.exceptions.SSLError("certificate verify failed"), NoAnswer,
      f"TLS certificate check of {URL} failed: certificate verify failed "
      "(for a private CA, pass --cacert)"),

@@ -59,23 +59,23 @@ def installed(extras: str) -> list[str]:
 
 def test_installing_libsystemd_later_reinstalls_with_the_systemd_extra(project):
     marker = project.parent / "bin" / "libsystemd-installed"
-    assert make_venv(project) == installed("test,dev")
-    assert (project / ".venv/.installed-stamp").read_text().strip() == "test,dev"
+    assert make_venv(project) == installed("test,dev,kit")
+    assert (project / ".venv/.installed-stamp").read_text().strip() == "test,dev,kit"
     assert make_venv(project) == []  # nothing changed: nothing to do
 
     marker.touch()  # apt-get install libsystemd-dev
-    assert make_venv(project) == installed("test,dev,systemd")
-    assert (project / ".venv/.installed-stamp").read_text().strip() == "test,dev,systemd"
+    assert make_venv(project) == installed("test,dev,kit,systemd")
+    assert (project / ".venv/.installed-stamp").read_text().strip() == "test,dev,kit,systemd"
     assert make_venv(project) == []
 
     marker.unlink()  # and removed again
-    assert make_venv(project) == installed("test,dev")
+    assert make_venv(project) == installed("test,dev,kit")
 
 
 def test_a_changed_pyproject_still_reinstalls(project):
-    assert make_venv(project) == installed("test,dev")
+    assert make_venv(project) == installed("test,dev,kit")
     edited = (project / "pyproject.toml").stat().st_mtime
     stamp = project / ".venv/.installed-stamp"
     os.utime(stamp, (edited - 10, edited - 10))  # pyproject.toml edited after the install
-    assert make_venv(project) == installed("test,dev")
+    assert make_venv(project) == installed("test,dev,kit")
     assert make_venv(project) == []

@@ -1,4 +1,6 @@
-"""``python -m lmp_autoreg.testing serve``: the kit's registration server, standalone.
+"""``python -m lmp_autoreg.testing serve``: the kit's registration server, standalone;
+``python -m lmp_autoreg.testing line``: a rehearsed factory line through it
+(:mod:`lmp_autoreg.testing.line`, docs/testing.md).
 
 For a developer pointing a real board at a laptop, and for the boot test. It serves until
 SIGINT or SIGTERM, and prints two lines a script can read, each flushed at once::
@@ -31,17 +33,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lmp_autoreg.testing.gateway import DeviceGateway
+from typing import Any
 
 LOG = logging.getLogger(__name__)
 
@@ -51,29 +52,8 @@ def _read_token(path: str) -> str:
         return handle.readline().strip()
 
 
-GROUPS = "groups"
-
-
-def _config_files(directory: Path, skip: Path | None = None) -> dict[str, str]:
-    """The files of ``directory`` (and below it, but not below ``skip``) by relative name."""
-    return {
-        str(path.relative_to(directory)): path.read_text(encoding="utf-8")
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and (skip is None or not path.is_relative_to(skip))
-    }
-
-
-def _serve_config(gateway: DeviceGateway, directory: Path) -> None:
-    """Every device gets the files of ``directory`` but ``groups/``; the devices of group G
-    those of ``groups/G/`` too."""
-    groups = directory / GROUPS
-    gateway.set_config(None, _config_files(directory, skip=groups))
-    if groups.is_dir():
-        for group in sorted(p for p in groups.iterdir() if p.is_dir()):
-            gateway.set_group_config(group.name, _config_files(group))
-
-
 def serve(args: argparse.Namespace) -> int:
+    from lmp_autoreg.testing.configdir import serve_config
     from lmp_autoreg.testing.gateway import DeviceGateway
     from lmp_autoreg.testing.server import RegistrationServer
 
@@ -134,13 +114,40 @@ def serve(args: argparse.Namespace) -> int:
                 print(f"api: {server.api_url}", flush=True)
             if isinstance(server.gateway, DeviceGateway):
                 if args.config_dir:
-                    _serve_config(server.gateway, Path(args.config_dir))
+                    serve_config(server.gateway, Path(args.config_dir))
                 print(f"gateway: {server.gateway.url}", flush=True)
             stop.wait()
             LOG.info("stopping")
         finally:
             server.stop()
     return 0
+
+
+def line(args: argparse.Namespace) -> int:
+    from lmp_autoreg.testing import chaos
+    from lmp_autoreg.testing.line import Line, LineOptions
+
+    try:
+        kinds = chaos.parse(args.chaos)
+        options = LineOptions(
+            out=Path(args.out or time.strftime("line-%Y%m%d-%H%M%S")), devices=args.devices,
+            parallel=args.parallel, device_api=args.device_api,
+            cacert=Path(args.cacert) if args.cacert else None, factory=args.factory,
+            partially_detached=args.partially_detached, group=args.group,
+            config_dir=Path(args.config_dir) if args.config_dir else None, chaos=kinds,
+            seed=args.seed)
+        runner = Line(options)
+    except ValueError as error:
+        LOG.error("%s", error)
+        return 2
+    summary = runner.run()
+    print(f"{summary['registered']} of {summary['devices']} registered, "
+          f"{len(summary['operator'])} for an operator, {len(summary['duplicates'])} "
+          f"duplicates, {len(summary['ghosts'])} ghosts; {summary['devices_per_minute']} "
+          f"devices a minute; record and pictures in {options.out}", flush=True)
+    for problem in summary["problems"]:
+        print(f"problem: {problem}", flush=True)
+    return 0 if summary["passed"] else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -220,7 +227,39 @@ def parser() -> argparse.ArgumentParser:
         help="with --partially-detached: create the devices in this API, not the kit's own",
     )
     cmd.set_defaults(func=serve)
+    _line_parser(commands)
     return top
+
+
+def _line_parser(commands: Any) -> None:
+    cmd = commands.add_parser(
+        "line",
+        help="rehearse a factory line: many devices through one registration server",
+        description="Run DEVICES simulated boards (real agent processes on FakeDevice roots, "
+        "each with its own board serial) through one registration server, with chaos, and "
+        "write the manufacturing record (record.csv, record.jsonl), summary.json and the "
+        "pictures (line.svg, line.png). Exit 0 when every board ended with one identity "
+        "and the result the chaos predicts, 1 otherwise.",
+    )
+    cmd.add_argument("--devices", type=int, default=50, metavar="N", help="default 50")
+    cmd.add_argument("--parallel", type=int, default=os.cpu_count() or 1, metavar="K",
+                     help="devices at a time (default: the machine's cores)")
+    cmd.add_argument("--device-api", metavar="URL",
+                     help="another registration server (default: the kit's own, over TLS, "
+                     "with its gateway)")
+    cmd.add_argument("--cacert", metavar="F", help="the CA of --device-api's HTTPS")
+    cmd.add_argument("--factory", metavar="F", help="the devices' LMP_FACTORY (default: "
+                     "the kit's, acme)")
+    cmd.add_argument("--partially-detached", action="store_true",
+                     help="the kit's server creates each device in its devices API")
+    cmd.add_argument("--group", metavar="G", help="the device group the kit's server uses")
+    cmd.add_argument("--config-dir", metavar="DIR", help="the kit's gateway's configuration "
+                     "files (DIR/groups/G/ for group G)")
+    cmd.add_argument("--chaos", metavar="LIST",
+                     help="faults in the kit's server: restart,lost-answer,5xx,slow")
+    cmd.add_argument("--out", metavar="DIR", help="default ./line-<timestamp>")
+    cmd.add_argument("--seed", type=int, default=0, metavar="S")
+    cmd.set_defaults(func=line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -143,6 +143,8 @@ class Reply:
       the same subject signed by the same CA, but for a key the device does not hold.
     - ``wrong_cn``: replace ``client.pem`` (and ``client.chained``) with a certificate for
       the device's own key, signed by the same CA, whose CN is another (random) uuid.
+    - ``lost``: do the normal work (sign, and create the device in a partially detached
+      factory), then close the connection without the answer: a lost answer.
     """
 
     status: int = 201
@@ -155,6 +157,7 @@ class Reply:
     pace: float = 0.0
     wrong_key: bool = False
     wrong_cn: bool = False
+    lost: bool = False
 
     @classmethod
     def error(cls, status: int, message: str) -> Reply:
@@ -778,6 +781,11 @@ class RegistrationServer(_Loopback):
         if self._hang_up(handler, reply):
             return
         status, payload, content_type = self._answer(record, reply)
+        if reply.lost:
+            LOG.info("%s %s -> %d, lost: hung up before the answer", record.method,
+                     record.path, status)
+            handler.close_connection = True
+            return
         LOG.info("%s %s -> %d", record.method, record.path, status)
         handler.send_bytes(status, payload, content_type, reply.headers, reply.truncate,
                            reply.pace, self._stopping)
