@@ -28,7 +28,7 @@ from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.oauth import OAuthAuthority
 from lmp_autoreg.testing.server import RegistrationServer
 
-from conftest import TIMEOUT, any_text, clean_env, device_args, run_cli
+from conftest import TIMEOUT, any_text, clean_env, device_args, require_module, run_cli
 from fakebin import FakeBin
 
 
@@ -180,6 +180,43 @@ def test_other_errors_are_retried_with_backoff(serve, device):
     # The agent's backoff after the second failure in a row (2 s), never the 1 s interval.
     assert times[2] - times[1] >= 2.0 * (1 - 0.25)
     assert "token poll 1 failed: HTTP 500" in run.stderr
+
+
+@pytest.mark.parametrize("where", ["stderr", "journal"])
+def test_a_device_code_the_server_repeats_in_an_error_is_never_shown(serve, device, tmp_path,
+                                                                    where):
+    """The token endpoint's failed answers repeat the device code, in a body that is not
+    JSON and in error_description; what the agent reports of them (stderr, or the journal
+    and STATUS= under systemd, and the JSON's error) says what failed without the code."""
+    from test_journal import DatagramSink, journal_entries, require_namespaces, statuses
+
+    server, authority = serve()  # nobody approves: the last failure ends in the message
+    authority.script_token(
+        (500, "<html>no such code {device_code}</html>"),
+        (400, json.dumps({"error": "invalid_request",
+                          "error_description": "bad device_code {device_code}"})))
+    args = with_timeout(by_hand(device, server), "5")
+    if where == "stderr":
+        run, shown = run_cli(*args), []
+    else:
+        require_module("systemd.journal")
+        require_namespaces()
+        sink = DatagramSink(str(tmp_path / "notify.sock"))
+        try:
+            run, entries = journal_entries(tmp_path, args,
+                                           {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+        finally:
+            lines = statuses(sink.close())
+        shown = [json.dumps(e) for e in entries] + lines
+        assert run.stderr == "" and any("token poll 2 failed" in t for t in shown)
+    assert run.returncode == 5, run.stderr
+    (code,) = authority.codes
+    assert len(polls(server)) >= 2
+    message = run.json["error"]["message"]
+    assert "the last poll failed: HTTP 400" in message and "<redacted>" in message
+    shown += [run.stdout, run.stderr]
+    assert "no such code <redacted>" in "".join(shown)
+    assert not any(code.device_code in text for text in shown)
 
 
 def test_a_refused_device_authorization_is_exit_4(serve, device):
@@ -336,6 +373,10 @@ def test_tool_backend_gets_the_token_over_loopback_never_argv(serve, device, fak
     assert proc.argv[2:] == call.argv  # /proc/<pid>/cmdline: interpreter, script, argv
     base = proc.env["OAUTH_BASE"]
     assert base.startswith("http://127.0.0.1:") and base != oauth_url(server)
+    # While the tool ran, the kernel had the hand-off listening on 127.0.0.1 alone: no
+    # other interface of the device could reach the token (0100007F: 127.0.0.1).
+    (listen,) = fakes.calls("lmp-device-register/listen")
+    assert listen.argv == ["0100007F"]
     # Only the person's flow reached the kit's endpoints: the tool's went to the hand-off.
     assert len([r for r in server.posts if r.path == "/oauth/authorization/device/"]) == 1
     for secret in secrets_of(authority):
