@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only the OAuth prompt, warnings and errors")
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import __version__
 from .errors import BadAnswer, NoAnswer, ServerRefused, Unreachable
-from .progress import status
+from .progress import PROMPT, status
 from .retry import Deadline, next_wait, retry
 
 if TYPE_CHECKING:
@@ -226,8 +226,9 @@ def prompt(uuid: str, factory: str, auth: Authorization) -> str:
     """What a person reads, on stderr (and its first line as the unit's ``STATUS=``)."""
     minutes = max(1, round(auth.expires_in / 60))
     lines = [
-        f"to register this device, open {auth.verification_uri} and enter the code "
-        f"{auth.user_code} (it expires in {minutes} min)",
+        # The code before the URL: a long URL wraps on a narrow terminal, the code stays whole.
+        f"to register this device, enter the code {auth.user_code} at "
+        f"{auth.verification_uri} (it expires in {minutes} min)",
     ]
     if auth.verification_uri_complete:
         lines.append(f"  or open {auth.verification_uri_complete} (the code filled in)")
@@ -350,8 +351,9 @@ def _poll(settings: "Settings", uuid: str, scope: str, auth: Authorization, resu
         result.oauth = state(settings, value, **shown, interval=interval, polls=polls)
 
     show("waiting")
-    # A person must see this even with -q; its first line is the unit's STATUS= line.
-    status(prompt(uuid, settings.factory, auth), logging.WARNING)
+    # A person must see this even with -q, as an instruction, not a warning; its first line
+    # is the unit's STATUS= line.
+    status(prompt(uuid, settings.factory, auth), PROMPT)
     fields = {"grant_type": GRANT_TYPE, "device_code": auth.device_code,
               "client_id": uuid, "scope": scope}
     wait = interval

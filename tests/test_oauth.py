@@ -110,11 +110,17 @@ def test_approved_after_polls_registers_with_the_bearer_token(serve, device):
     assert_no_secret(authority, run.stdout, run.stderr)
 
 
-def test_the_prompt_survives_quiet(serve, device):
+@pytest.mark.parametrize("quiet", [(), ("-q",)], ids=["normal", "quiet"])
+def test_the_prompt_is_an_instruction_even_with_quiet(serve, device, quiet):
+    """A person reads what to do, with -q too, and it is not labelled a warning."""
     server, authority = serve(approve_after=1)
-    run = run_cli(*by_hand(device, server, "-q"))
+    run = run_cli(*by_hand(device, server, *quiet))
     assert run.returncode == 0, run.stderr
-    assert authority.codes[0].user_code in run.stderr
+    code = authority.codes[0].user_code
+    assert f"lmp-device-auto-register: to register this device, enter the code {code} at " \
+        in run.stderr
+    assert "warning" not in run.stderr
+    assert ("registering intel-corei7-64 as" in run.stderr) == (not quiet)
 
 
 def test_slow_down_adds_five_seconds_for_good(serve, device):
@@ -298,6 +304,7 @@ def test_a_terminal_starts_the_flow_and_stdout_stays_one_object(serve, device):
     terminal = b"".join(seen).decode()
     assert authority.codes[0].user_code in terminal
     assert "to register this device" not in stdout.decode()
+    assert "to register this device" in terminal and "warning" not in terminal
     assert_no_secret(authority, stdout.decode(), terminal)
 
 
@@ -310,7 +317,7 @@ def test_under_systemd_the_prompt_is_the_status_line(serve, device, tmp_path):
     assert run.returncode == 0, run.stderr
     code = authority.codes[0].user_code
     shown = [line for line in lines if code in line]
-    assert shown and shown[0].startswith("to register this device, open ")
+    assert shown and shown[0].startswith(f"to register this device, enter the code {code} at ")
     for secret in secrets_of(authority):
         assert not any(secret in line for line in lines)
 
