@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--restorable-apps", metavar="A,B", help="apps to keep for a reset "
                         "(default: all apps; \"\" turns restorable apps off)")
     device.add_argument("--device-group", metavar="GROUP", help="device group (DEVICE_GROUP)")
-    device.add_argument("--token-file", metavar="PATH", help="API token file (TOKEN_FILE)")
+    device.add_argument("--token-file", metavar="PATH",
+                        help="API token file (TOKEN_FILE); -: standard input")
     device.add_argument("--oauth", action="store_true",
                         help="no API token: register by hand, a person approving the device "
                         "in a browser (OAuth device authorization; automatic on a terminal)")

@@ -168,6 +168,8 @@ def _read_or_none(path: Path) -> Before | None:
         mode = path.lstat().st_mode
         if stat.S_ISLNK(mode):
             return Before(b"", 0, os.readlink(path))
+        if not stat.S_ISREG(mode):
+            return None  # a directory, a FIFO: the install refuses it before any write
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
