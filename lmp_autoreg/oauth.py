@@ -310,7 +310,8 @@ def obtain_token(
     """Run the device authorization flow for ``uuid``; return the access token.
 
     ``deadline`` bounds it when ``--timeout`` was given; otherwise the code's own lifetime
-    does, and the registration afterwards gets a deadline of its own (``Grant``).
+    does, and the registration afterwards gets a deadline of its own (``Grant``). The
+    flow's clock is the deadline's, and ``sleep`` its every wait: a test drives both.
     ``result.oauth`` follows the flow's state. Raises ``ServerRefused`` (the request
     refused, the approval denied) or ``NoAnswer`` (the code expired, the deadline passed).
     """
@@ -327,7 +328,7 @@ def obtain_token(
             return read_authorization(code, body, after)
 
         try:
-            auth = retry(authorize, deadline, what=what)
+            auth = retry(authorize, deadline, what=what, sleep=sleep)
         except (NoAnswer, ServerRefused):
             result.oauth = state(settings, "failed")
             raise
@@ -339,7 +340,7 @@ def obtain_token(
 
 def _poll(settings: "Settings", uuid: str, scope: str, auth: Authorization, result: "Result",
           deadline: Deadline, http: FormClient, sleep: Callable[[float], None]) -> Grant:
-    code_ends = Deadline(auth.expires_in)
+    code_ends = Deadline(auth.expires_in, deadline.clock)
     ends = deadline if settings.timeout_given and deadline.end < code_ends.end else code_ends
     interval = poll_wait(auth.interval)
     shown = {"user_code": auth.user_code, "verification_uri": auth.verification_uri,
