@@ -298,7 +298,7 @@ def test_bad_answers_exit_5_and_write_nothing(device_root, registration_server, 
 
 def test_https_with_and_without_cacert(device_root, registration_server_tls, sota):
     server = registration_server_tls
-    run = run_cli(*device_args(device_root, server, "--timeout", "1"))
+    run = run_cli(*device_args(device_root, server, "--timeout", "3"))
     assert run.returncode == 5 and "certificate" in run.stderr.lower()
     assert "--cacert" in run.stderr and server.requests == []
     run = run_cli(*device_args(device_root, server, "--cacert", str(server.ca_file)))
