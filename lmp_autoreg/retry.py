@@ -100,10 +100,11 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str,
     """Call ``attempt(budget)`` until it returns; retry ``NoAnswer`` until ``deadline``.
 
     ``budget`` is the most time (seconds) the attempt may take; it is never past the
-    deadline. ``sleep`` waits between attempts (on the deadline's clock). ``what`` names the attempt in the status lines of the second attempt on
-    (the caller announces the first). Past the deadline, the last ``NoAnswer`` is raised
-    again (same class), saying how many attempts were made, and, when the deadline cut that
-    attempt short, why the attempt before it failed: "timed out" alone would hide it.
+    deadline. ``sleep`` waits between attempts (on the deadline's clock). ``what`` names
+    the attempt in the status lines of the second attempt on (the caller announces the
+    first). Past the deadline, the last ``NoAnswer`` is raised again (same class), saying
+    how many attempts were made, and, when the deadline cut that attempt short, why the
+    attempt before it failed: "timed out" alone would hide it.
     """
     number = 0
     failures = 0
