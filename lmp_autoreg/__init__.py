@@ -15,6 +15,7 @@ checks that no import, not even one inside a function, goes round in a circle):
 - ``preflight`` checks before anything is sent: token over plain http, warnings, the clock
 - ``settings``  where every setting comes from (CLI > env > default file > device files)
 - ``util``      small wrappers: atomic file writes, running commands, the random uuid
+- ``progress``  status lines, and ``PROMPT``, the level of what a person must act on
 - ``journal``, ``log``  journald fields and sd_notify under systemd; stderr logging
 - ``testhook``  TEST-ONLY: the one place the test seams are read (a pause at named steps,
                 the "is systemd running" directory)
@@ -24,8 +25,7 @@ checks that no import, not even one inside a function, goes round in a circle):
 - ``hsm``       the key on a PKCS#11 token (python-pkcs11; imported in HSM mode only)
 - ``client``    the HTTP request to the registration server
 - ``install``   verify the answer and install it into the sota dir atomically
-- ``progress``, ``retry``  status lines; the backoff policy and the retry loop, bounded
-                by the deadline
+- ``retry``     the backoff policy and the retry loop, bounded by the deadline
 - ``oauth``     registering by hand: the OAuth device authorization flow (RFC 8628)
 - ``handoff``   the OAuth access token to lmp-device-register over loopback, not argv
 - ``state``     the files of one identity per device, the lock, the install journal

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from . import checked, guard, log
 from .errors import BadAnswer, LocalFailure
-from .install import PlannedFile, remove_registration
+from .install import Before, PlannedFile, remove_registration
 from .paths import REGISTRATION_FILES
 from .settings import Settings
 from .state import Identity, State, check_aklite
@@ -218,7 +218,7 @@ class Attempt:
             self.state.abandon("asking the server again", keep_identity=True)
             self.key = None
             return False
-        self._install(journal.files, plan)
+        self._install(journal.files, plan, journal.before)
         return True
 
     def take_identity(self, *, key: bool = True) -> str:
@@ -265,12 +265,17 @@ class Attempt:
 
     def install(self, files: dict[str, str], plan: list[PlannedFile]) -> None:
         """Journal a verified answer, install it, finish the attempt."""
-        assert self.uuid is not None, "take_identity() first"
-        self.state.save_journal(self.uuid, self.key.record() if self.key else None, files,
-                                [item.name for item in plan])
-        self._install(files, plan)
+        from . import install
 
-    def _install(self, files: dict[str, str], plan: list[PlannedFile]) -> None:
+        assert self.uuid is not None, "take_identity() first"
+        names = [item.name for item in plan]
+        before = install.snapshot(self.paths.sota, names)
+        self.state.save_journal(self.uuid, self.key.record() if self.key else None, files,
+                                names, before)
+        self._install(files, plan, before)
+
+    def _install(self, files: dict[str, str], plan: list[PlannedFile],
+                 before: dict[str, Before | None]) -> None:
         from . import identity, install
 
         sota = self.paths.sota
@@ -283,7 +288,7 @@ class Attempt:
         if self.key is not None:
             self.key.store_certificate(cert)
         try:
-            install.install(sota, plan)
+            install.install(sota, plan, before)
         except LocalFailure:
             LOG.warning("the server's answer is kept in %s: the next run installs it without "
                         "asking the server again", self.state.dir)

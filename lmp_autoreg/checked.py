@@ -17,9 +17,12 @@ imported where they are read.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import select
 import stat
+import time
 
 from .errors import BadAnswer, ConfigError
 
@@ -312,6 +315,31 @@ def read_file(path: str | os.PathLike[str], limit: int = MAX_DEVICE_FILE, flags:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def read_line(fd: int, limit: int, seconds: float) -> bytes:
+    """The first line of what ``fd`` (a pipe, a file) gives, without its newline: read
+    until a newline or the end, at most ``limit`` bytes, within ``seconds``. Nothing is
+    waited for past a newline. OSError: ``ETIMEDOUT`` when no line ended in time,
+    ``EFBIG`` when the line is longer than ``limit``."""
+    end = time.monotonic() + seconds
+    data = b""
+    while b"\n" not in data:
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"a line longer than {limit} bytes")
+        left = end - time.monotonic()
+        if left <= 0:
+            raise OSError(errno.ETIMEDOUT, f"no whole line within {seconds:g} s")
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    line = data.split(b"\n", 1)[0]
+    if len(line) > limit:
+        raise OSError(errno.EFBIG, f"a line longer than {limit} bytes")
+    return line
 
 
 def decode(data: bytes) -> str:

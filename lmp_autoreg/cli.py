@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--restorable-apps", metavar="A,B", help="apps to keep for a reset "
                         "(default: all apps; \"\" turns restorable apps off)")
     device.add_argument("--device-group", metavar="GROUP", help="device group (DEVICE_GROUP)")
-    device.add_argument("--token-file", metavar="PATH", help="API token file (TOKEN_FILE)")
+    device.add_argument("--token-file", metavar="PATH",
+                        help="API token file (TOKEN_FILE); -: standard input")
     device.add_argument("--oauth", action="store_true",
                         help="no API token: register by hand, a person approving the device "
                         "in a browser (OAuth device authorization; automatic on a terminal)")
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only the OAuth prompt, warnings and errors")
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

@@ -5,7 +5,10 @@
 any failure it puts back what was there before this attempt.
 """
 
+import base64
+import binascii
 import logging
+import os
 import re
 import stat
 import tomllib
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from . import checked, testhook  # TEST-ONLY pauses; each returns at once on a device
 from .errors import BadAnswer, LocalFailure
 from .paths import REGISTRATION_FILES
-from .util import fsync_dir, write_atomic
+from .util import fsync_dir, link_atomic, write_atomic
 
 if TYPE_CHECKING:
     from .devicekey import DeviceKey
@@ -89,25 +92,43 @@ def verify_answer(
     return plan
 
 
-def install(sota: Path, plan: list[PlannedFile]) -> list[Path]:
+class Before(NamedTuple):
+    """What stood where an install writes a file: a file's bytes and mode, or a symbolic
+    link's target (``link``), kept as a link and never read through (under ``--sysroot``
+    it may name a file of the host)."""
+
+    data: bytes
+    mode: int
+    link: str | None = None
+
+
+def snapshot(sota: Path, names: list[str]) -> dict[str, Before | None]:
+    """What each of ``names`` is in ``sota`` now (None: nothing), before an install."""
+    return {name: _read_or_none(sota / name) for name in names}
+
+
+def install(sota: Path, plan: list[PlannedFile],
+            before: dict[str, Before | None] | None = None) -> list[Path]:
     """Write the plan into ``sota``; all of it, or (after a failure) none of it.
 
-    Files that existed before are restored on failure, so nothing is lost. Raises
-    ``LocalFailure`` naming the path that failed.
+    What stood there before (``before``, as ``snapshot`` took it before the first attempt
+    of this install; now when not given) is put back on failure, so nothing is lost.
+    Raises ``LocalFailure`` naming the path that failed.
     """
-    previous: dict[Path, tuple[bytes, int] | None] = {}
+    previous: dict[Path, Before | None] = {}
     written: list[Path] = []
     path = sota
     try:
         sota.mkdir(parents=True, exist_ok=True)
         _check_nothing_in_the_way(sota, plan)
+        if before is None:
+            before = snapshot(sota, [item.name for item in plan])
         for item in plan:
             path = sota / item.name
             if item.name == "sota.toml":
                 testhook.pause("before-sota-toml")
-            before = _read_or_none(path)
             write_atomic(path, item.data, item.mode)  # all or nothing: no restore if it fails
-            previous[path] = before
+            previous[path] = before.get(item.name)
             written.append(path)
             LOG.debug("installed %s (%o)", path, item.mode)
             if len(written) == 1:
@@ -140,24 +161,61 @@ def _check_nothing_in_the_way(sota: Path, plan: list[PlannedFile]) -> None:
                                "way; nothing was installed")
 
 
-def _read_or_none(path: Path) -> tuple[bytes, int] | None:
-    """The file's bytes and its mode (an HSM's sota.toml holds the PIN: 0600 stays)."""
+def _read_or_none(path: Path) -> Before | None:
+    """A link's target, or the file's bytes and its mode (an HSM's sota.toml holds the
+    PIN: 0600 stays); the file is opened without following a link."""
     try:
-        return path.read_bytes(), path.stat().st_mode & 0o777
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            return Before(b"", 0, os.readlink(path))
+        if not stat.S_ISREG(mode):
+            return None  # a directory, a FIFO: the install refuses it before any write
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        return Before(f.read(), mode & 0o777)
 
 
-def _restore(previous: dict[Path, tuple[bytes, int] | None]) -> list[str]:
+def put_back(path: Path, before: Before | None) -> None:
+    """Make ``path`` what it was (``before``): the link, the file, or nothing."""
+    if before is None:
+        path.unlink(missing_ok=True)
+    elif before.link is not None:
+        link_atomic(path, before.link)
+    else:
+        write_atomic(path, before.data, KEY_MODE if path.name == "pkey.pem" else before.mode)
+
+
+def before_record(before: Before | None) -> dict[str, object] | None:
+    """``before`` as the install journal keeps it (JSON)."""
+    if before is None:
+        return None
+    if before.link is not None:
+        return {"link": before.link}
+    return {"data": base64.b64encode(before.data).decode("ascii"), "mode": before.mode}
+
+
+def before_from_record(record: object) -> Before | None:
+    """The ``Before`` of a journal's record; None for nothing or a damaged record (the
+    file is then removed, as an install journaled before records existed does)."""
+    if isinstance(record, dict) and isinstance(record.get("link"), str):
+        return Before(b"", 0, record["link"])
+    if isinstance(record, dict) and isinstance(record.get("data"), str) \
+            and isinstance(record.get("mode"), int) and 0 <= record["mode"] <= 0o777:
+        try:
+            return Before(base64.b64decode(record["data"], validate=True), record["mode"])
+        except binascii.Error:
+            return None
+    return None
+
+
+def _restore(previous: dict[Path, Before | None]) -> list[str]:
     """Put back what ``install`` found; best effort. Return the names it could not."""
     stuck = []
     for path, before in reversed(previous.items()):
         try:
-            if before is None:
-                path.unlink(missing_ok=True)
-            else:
-                data, mode = before
-                write_atomic(path, data, KEY_MODE if path.name == "pkey.pem" else mode)
+            put_back(path, before)
         except OSError as e:
             LOG.error("could not roll back %s: %s", path, e.strerror or e)
             stuck.append(path.name)

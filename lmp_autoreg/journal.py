@@ -25,11 +25,14 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
+from .progress import PROMPT
+
 IDENTIFIER = "lmp-device-auto-register"
 # Where libsystemd sends native entries; when it is missing, it drops them silently.
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # syslog priorities (journal field PRIORITY) of the logging levels.
-_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (PROMPT, 5),
+               (logging.INFO, 6))
 _DEBUG_PRIORITY = 7
 # A STATUS= line is one short line.
 STATUS_LIMIT = 200

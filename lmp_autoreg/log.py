@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import PROG
+from .progress import PROMPT
 
 # Journal fields of every record from the moment they are known (see ``add_fields``).
 FIELDS: dict[str, str] = {}
@@ -37,9 +38,10 @@ def fields(**fields: object) -> dict[str, Any]:
 
 
 def setup(verbosity: int, environ: Mapping[str, str] | None = None) -> None:
-    """verbosity: -1 quiet (warnings and errors), 0 normal, 1 and more debug."""
+    """verbosity: -1 quiet (what a person must act on, warnings and errors), 0 normal, 1 and
+    more debug."""
     environ = os.environ if environ is None else environ
-    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    level = PROMPT if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     stderr: logging.Handler = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(_Formatter())
     stderr.setLevel(level)

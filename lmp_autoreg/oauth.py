@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import __version__
 from .errors import BadAnswer, NoAnswer, ServerRefused, Unreachable
-from .progress import status
+from .progress import PROMPT, status
 from .retry import Deadline, next_wait, retry
 
 if TYPE_CHECKING:
@@ -226,8 +226,9 @@ def prompt(uuid: str, factory: str, auth: Authorization) -> str:
     """What a person reads, on stderr (and its first line as the unit's ``STATUS=``)."""
     minutes = max(1, round(auth.expires_in / 60))
     lines = [
-        f"to register this device, open {auth.verification_uri} and enter the code "
-        f"{auth.user_code} (it expires in {minutes} min)",
+        # The code before the URL: a long URL wraps on a narrow terminal, the code stays whole.
+        f"to register this device, enter the code {auth.user_code} at "
+        f"{auth.verification_uri} (it expires in {minutes} min)",
     ]
     if auth.verification_uri_complete:
         lines.append(f"  or open {auth.verification_uri_complete} (the code filled in)")
@@ -309,7 +310,8 @@ def obtain_token(
     """Run the device authorization flow for ``uuid``; return the access token.
 
     ``deadline`` bounds it when ``--timeout`` was given; otherwise the code's own lifetime
-    does, and the registration afterwards gets a deadline of its own (``Grant``).
+    does, and the registration afterwards gets a deadline of its own (``Grant``). The
+    flow's clock is the deadline's, and ``sleep`` its every wait: a test drives both.
     ``result.oauth`` follows the flow's state. Raises ``ServerRefused`` (the request
     refused, the approval denied) or ``NoAnswer`` (the code expired, the deadline passed).
     """
@@ -326,7 +328,7 @@ def obtain_token(
             return read_authorization(code, body, after)
 
         try:
-            auth = retry(authorize, deadline, what=what)
+            auth = retry(authorize, deadline, what=what, sleep=sleep)
         except (NoAnswer, ServerRefused):
             result.oauth = state(settings, "failed")
             raise
@@ -338,7 +340,7 @@ def obtain_token(
 
 def _poll(settings: "Settings", uuid: str, scope: str, auth: Authorization, result: "Result",
           deadline: Deadline, http: FormClient, sleep: Callable[[float], None]) -> Grant:
-    code_ends = Deadline(auth.expires_in)
+    code_ends = Deadline(auth.expires_in, deadline.clock)
     ends = deadline if settings.timeout_given and deadline.end < code_ends.end else code_ends
     interval = poll_wait(auth.interval)
     shown = {"user_code": auth.user_code, "verification_uri": auth.verification_uri,
@@ -350,8 +352,9 @@ def _poll(settings: "Settings", uuid: str, scope: str, auth: Authorization, resu
         result.oauth = state(settings, value, **shown, interval=interval, polls=polls)
 
     show("waiting")
-    # A person must see this even with -q; its first line is the unit's STATUS= line.
-    status(prompt(uuid, settings.factory, auth), logging.WARNING)
+    # A person must see this even with -q, as an instruction, not a warning; its first line
+    # is the unit's STATUS= line.
+    status(prompt(uuid, settings.factory, auth), PROMPT)
     fields = {"grant_type": GRANT_TYPE, "device_code": auth.device_code,
               "client_id": uuid, "scope": scope}
     wait = interval

@@ -10,6 +10,11 @@ import logging
 
 LOG = logging.getLogger(__name__)
 
+# What a person must act on (the OAuth prompt): above INFO, so that -q shows it, and below
+# WARNING, so that it is not labelled one; the journal's "notice" priority.
+PROMPT = logging.INFO + 5
+logging.addLevelName(PROMPT, "NOTICE")
+
 
 def status(message: str, level: int = logging.INFO) -> None:
     """Report ``message`` (one line, no secrets) at ``level``."""

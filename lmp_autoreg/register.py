@@ -127,7 +127,7 @@ def _check_pkcs11() -> None:
     if importlib.util.find_spec("pkcs11") is None:
         raise ConfigError(
             "an HSM is configured, but python-pkcs11 is not installed: install "
-            "lmp-autoreg[hsm] (python3-python-pkcs11), or use --backend lmp-device-register"
+            "lmp-autoreg[hsm] (python3-pkcs11), or use --backend lmp-device-register"
         )
 
 

@@ -42,18 +42,20 @@ CUT_SHORT = 0.1  # an attempt that failed with less time left than this ran into
 
 
 class Deadline:
-    """A point in time ``seconds`` from now (monotonic clock)."""
+    """A point in time ``seconds`` from now on ``clock`` (the monotonic clock; a test
+    drives its own, with a ``sleep`` that advances it, through the OAuth flow)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
         self.end = self.start + seconds
 
     def remaining(self) -> float:
-        return max(0.0, self.end - time.monotonic())
+        return max(0.0, self.end - self.clock())
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.clock() - self.start
 
 
 def backoff(failures: int, *, unreachable: bool, retry_after: float | None, rand: float) -> float:
@@ -93,14 +95,16 @@ def next_wait(
     return wait if wait >= 0 else None
 
 
-def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str) -> T:
+def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str,
+          sleep: Callable[[float], None] = time.sleep) -> T:
     """Call ``attempt(budget)`` until it returns; retry ``NoAnswer`` until ``deadline``.
 
     ``budget`` is the most time (seconds) the attempt may take; it is never past the
-    deadline. ``what`` names the attempt in the status lines of the second attempt on
-    (the caller announces the first). Past the deadline, the last ``NoAnswer`` is raised
-    again (same class), saying how many attempts were made, and, when the deadline cut that
-    attempt short, why the attempt before it failed: "timed out" alone would hide it.
+    deadline. ``sleep`` waits between attempts (on the deadline's clock). ``what`` names
+    the attempt in the status lines of the second attempt on (the caller announces the
+    first). Past the deadline, the last ``NoAnswer`` is raised again (same class), saying
+    how many attempts were made, and, when the deadline cut that attempt short, why the
+    attempt before it failed: "timed out" alone would hide it.
     """
     number = 0
     failures = 0
@@ -133,7 +137,7 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str) -> T:
                 f"({left:.0f} s left)",
                 logging.WARNING,
             )
-            time.sleep(wait)
+            sleep(wait)
 
 
 def _gave_up(

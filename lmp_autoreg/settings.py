@@ -29,6 +29,8 @@ DEFAULT_START = ("aktualizr-lite", "fioconfig")
 # lmp-device-register's -A default: restorable apps on, for every app (docs/spec.md section 2).
 ALL_RESTORABLE = " "
 DEFAULT_TIMEOUT = 300.0
+# Where ``--token-file -`` takes the token from (a message names it so, never the token).
+STDIN = "standard input (--token-file -)"
 DEFAULT_OAUTH_URL = "https://app.foundries.io/oauth"  # what lmp-device-register defaults to
 T = TypeVar("T")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -248,10 +250,12 @@ def resolve(
     else:
         token, token_place = check(
             lambda: _token(cli, src, paths, production, by_hand=terminal), no_token)
-    oauth = not production and token is None and (by_hand or terminal)
+    piped = token_place == STDIN
+    oauth = not production and token is None and not piped and (by_hand or terminal)
     allow_insecure = bool(cli.get("allow_insecure_token"))
     if device_api is not None:
-        check(lambda: check_token_transport(device_api, has_token=token is not None or oauth,
+        check(lambda: check_token_transport(device_api,
+                                            has_token=token is not None or piped or oauth,
                                             allow_insecure=allow_insecure),
               None)
     oauth_url = check(lambda: _oauth_url(src, oauth=oauth, allow_insecure=allow_insecure),
@@ -267,6 +271,8 @@ def resolve(
     fioconfig_bin = check(lambda: _binary(src, "--fioconfig-bin", "FIOCONFIG_BIN"), None)
     problems.raise_any()
     assert device_api is not None  # else raise_any raised
+    if token_place == STDIN:
+        token = token_from_stdin(backend, timeout)
 
     return Settings(
         paths=paths,
@@ -397,6 +403,8 @@ def _token(
     by_hand: bool = False,
 ) -> tuple[str | None, str | None]:
     explicit, place, looked = src.first("--token-file", "TOKEN_FILE")
+    if explicit == "-" and place == "--token-file":
+        return None, STDIN  # read once every other setting is good (token_from_stdin)
     if explicit is not None:
         path = src.machine_path(explicit, place, paths)
         token = _first_line(path)
@@ -415,6 +423,28 @@ def _token(
         f"{TOKEN_FILE} (or pass --token-file), or register by hand with "
         "--oauth (a person approves the device in a browser)"
     )
+
+
+def token_from_stdin(backend: str, timeout: float, fd: int = 0) -> str:
+    """``--token-file -``: the first line of standard input, read bounded and within the
+    deadline, never from a terminal (where it would be echoed as typed)."""
+    if backend == "lmp-device-register":
+        raise ConfigError("--token-file - keeps the token off every command line, but the "
+                          "lmp-device-register backend takes a token only on its command "
+                          "line (-T): use the native backend, or a token file")
+    if os.isatty(fd):
+        raise ConfigError("--token-file -: standard input is a terminal, which would echo "
+                          "the token as it is typed: pipe it in instead "
+                          "(lmp-device-auto-register --token-file - < token)")
+    try:
+        line = checked.read_line(fd, checked.MAX_DEVICE_FILE, timeout)
+    except OSError as e:
+        raise ConfigError(f"cannot read the API token from {STDIN}: {e.strerror or e}") from e
+    lines = checked.decode(line).splitlines()
+    token = (lines[0].strip() if lines else "") or None
+    if token is None:
+        raise ConfigError(f"the API token from {STDIN} is missing or empty")
+    return checked.token(token, STDIN)
 
 
 def _oauth_alone(cli: Mapping[str, Any], production: bool) -> None:

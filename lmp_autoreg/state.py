@@ -37,6 +37,7 @@ from .util import fsync_dir, random_uuid, write_atomic
 
 if TYPE_CHECKING:
     from .devicekey import KeyRecord
+    from .install import Before
 
 LOG = logging.getLogger(__name__)
 
@@ -63,15 +64,18 @@ class Identity(NamedTuple):
 
 class Journal(NamedTuple):
     """An answer the server gave, verified, whose install did not finish: the files it
-    writes (``installs``) are the answer's and the key's own."""
+    writes (``installs``) are the answer's and the key's own; ``before``, what stood in
+    their places before its first attempt (``install.snapshot``), which abandoning it puts
+    back."""
 
     uuid: str
     key: "KeyRecord | None"
     files: dict[str, str]
     installs: tuple[str, ...]
+    before: "dict[str, Before | None]"
 
     def __repr__(self) -> str:
-        return redacted_repr(self, ("key", "files"))
+        return redacted_repr(self, ("key", "files", "before"))
 
 
 def _failure(action: str, path: Path, error: OSError) -> LocalFailure:
@@ -112,7 +116,12 @@ class State:
         installs = data.get("installs")
         if not isinstance(installs, list) or not all(isinstance(n, str) for n in installs):
             installs = list(files)  # at least the answer's files
-        return Journal(data["uuid"], data.get("key"), files, tuple(installs))
+        from .install import before_from_record
+
+        records = data.get("before")
+        records = records if isinstance(records, dict) else {}
+        before = {name: before_from_record(records.get(name)) for name in installs}
+        return Journal(data["uuid"], data.get("key"), files, tuple(installs), before)
 
     def _load(self, name: str) -> dict | None:
         """A state file's object, or None: missing, or damaged (logged; the attempt then
@@ -213,10 +222,16 @@ class State:
         return identity
 
     def save_journal(
-        self, uuid: str, key: "KeyRecord | None", files: dict[str, str], installs: list[str]
+        self, uuid: str, key: "KeyRecord | None", files: dict[str, str], installs: list[str],
+        before: "dict[str, Before | None]",
     ) -> None:
-        """Journal a verified answer, ``files``, whose install writes ``installs``."""
-        self._write(JOURNAL, {"uuid": uuid, "key": key, "files": files, "installs": installs})
+        """Journal a verified answer, ``files``, whose install writes ``installs`` where
+        ``before`` stands."""
+        from .install import before_record
+
+        records = {name: before_record(before.get(name)) for name in installs}
+        self._write(JOURNAL, {"uuid": uuid, "key": key, "files": files, "installs": installs,
+                              "before": records})
 
     def finish(self) -> None:
         """After a successful install: drop the journal, then the pending identity."""
@@ -225,16 +240,20 @@ class State:
         self._sync(warn_only=True)
 
     def abandon(self, why: str, *, keep_identity: bool = False) -> None:
-        """Start afresh: drop any journal, remove the files its unfinished install left in
-        the sota dir, and (unless ``keep_identity``) drop the pending identity."""
-        from .install import FILE_NAME_RE
+        """Start afresh: drop any journal, put back what its unfinished install found in
+        the sota dir (the image's own files stay; what the install wrote goes), and
+        (unless ``keep_identity``) drop the pending identity."""
+        from .install import FILE_NAME_RE, put_back
 
         journal = self.load_journal()
         if journal is not None:
             LOG.warning("%s: abandoning the unfinished install of %s", why, journal.uuid)
             for name in journal.installs:
                 if FILE_NAME_RE.fullmatch(name):  # a plain file name, never a path
-                    self._remove(self.sota / name)
+                    try:
+                        put_back(self.sota / name, journal.before.get(name))
+                    except OSError as e:
+                        raise _failure("put back", self.sota / name, e) from e
             fsync_dir(self.sota)
         elif (self.dir / IDENTITY).exists() and not keep_identity:
             LOG.info("%s: dropping the pending identity", why)

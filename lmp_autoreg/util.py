@@ -46,6 +46,17 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
+def link_atomic(path: Path, target: str) -> None:
+    """Make ``path`` a symbolic link to ``target``, in one rename (as ``write_atomic``)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def random_uuid() -> str:
     """A random (version 4) UUID, written as ``str(uuid.uuid4())`` writes it.
 

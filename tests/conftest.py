@@ -111,16 +111,19 @@ class Run:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60, umask: int | None = None
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, umask: int | None = None,
+    stdin: str | None = None,
 ) -> Run:
-    """Run the agent as a real subprocess, the way the unit and a jig do."""
+    """Run the agent as a real subprocess, the way the unit and a jig do; ``stdin``, what a
+    jig pipes in (else nothing: /dev/null)."""
     proc = subprocess.run(
         [sys.executable, "-m", "lmp_autoreg", *args],
         capture_output=True,
         text=True,
         env=env if env is not None else clean_env(),
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
         preexec_fn=None if umask is None else (lambda: os.umask(umask)),
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)

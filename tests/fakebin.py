@@ -21,7 +21,8 @@ replace that with a scripted run.
 ``lmp-device-register`` imitates the real tool (foundriesio/lmp-device-register): without
 ``-T`` it runs the tool's OAuth device flow against ``$OAUTH_BASE`` and records what
 ``/proc/self/cmdline`` and ``/proc/self/environ`` show of it (as ``lmp-device-register/proc``
-calls) first; it parses
+calls) and the local addresses listening on ``$OAUTH_BASE``'s port in ``/proc/net/tcp``
+and ``tcp6`` (as ``lmp-device-register/listen``, the addresses in ``argv``) first; it parses
 its options with the real defaults (``-A`` one space; ``--production`` off, or on with the
 ``production_build`` knob, a tool built with ``-DPRODUCTION``; ``PRODUCTION`` in the
 environment means production whatever the option), refuses a sota dir holding ``sql.db``
@@ -221,6 +222,19 @@ else:
                               "umask": UMASK}) + "\n")
     print("Foundries providing auth token ")
     base = os.environ.get("OAUTH_BASE", "https://app.foundries.io/oauth")
+    # Who else could reach $OAUTH_BASE: the local address of every socket listening on its
+    # port, from the kernel's tables (hex, as /proc/net/tcp has it: 0100007F is 127.0.0.1).
+    port = "%04X" % (urllib.parse.urlsplit(base).port or 0)
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                local, state = row.split()[1], row.split()[3]
+                if state == "0A" and local.endswith(":" + port):
+                    listening.append(local.rpartition(":")[0])
+    with open(os.path.join(HERE, "calls.jsonl"), "a") as log:
+        log.write(json.dumps({"name": NAME + "/listen", "argv": listening, "env": {},
+                              "umask": UMASK}) + "\n")
     def form_post(path, fields):
         request = urllib.request.Request(base + path, method="POST",
                                          data=urllib.parse.urlencode(fields).encode())

@@ -283,14 +283,17 @@ def test_something_in_the_way_exits_6_writing_nothing(device_root, registration_
 
 
 def test_bad_answers_exit_5_and_write_nothing(device_root, registration_server, sota):
+    sent = 0
     for reply in (Reply.bad_name("../evil"), Reply.other_key(), Reply.without("client.pem"),
                   Reply.not_json()):
-        registration_server.enqueue(reply, reply)  # then a give-up, whatever the start-up
+        registration_server.enqueue(reply)  # then a give-up, whatever the start-up
         registration_server.default = Reply.give_up()
         run = run_cli(*device_args(device_root, registration_server, "--json"))
         assert run.returncode == 5, (reply, run.stderr)
-        # Both bad answers were retried; the give-up ended the run.
-        assert "attempt 1 failed" in run.stderr and "attempt 2 failed" in run.stderr
+        # The bad answer was retried; the give-up ended the run.
+        assert "attempt 1 failed" in run.stderr and "gave up after 2 attempts" in run.stderr
+        sent, before = len(registration_server.requests), sent
+        assert sent - before == 2
         assert run.json["error"]["kind"] == "no-answer"
         assert not (sota / "pkey.pem").exists() and not (sota / "sota.toml").exists()
         assert not (sota.parent / "evil").exists()
@@ -298,7 +301,7 @@ def test_bad_answers_exit_5_and_write_nothing(device_root, registration_server, 
 
 def test_https_with_and_without_cacert(device_root, registration_server_tls, sota):
     server = registration_server_tls
-    run = run_cli(*device_args(device_root, server, "--timeout", "1"))
+    run = run_cli(*device_args(device_root, server, "--timeout", "3"))
     assert run.returncode == 5 and "certificate" in run.stderr.lower()
     assert "--cacert" in run.stderr and server.requests == []
     run = run_cli(*device_args(device_root, server, "--cacert", str(server.ca_file)))

@@ -9,6 +9,7 @@ the agent kept.
 """
 
 import json
+import os
 import signal
 import subprocess
 
@@ -155,4 +156,51 @@ def test_a_failed_force_after_a_killed_install_leaves_no_registration(device_roo
     assert run.returncode == 4, run.stderr
     assert not {"client.pem", "client.chained", "pkey.pem", "root.crt"} & set(installed(sota))
     assert status(device_root)["registered"] is False
+    # What the image shipped stays: the killed install never got to its sota.toml.
+    assert (sota / "sota.toml").read_text() == '[pacman]\ntype = "ostree"\n'
+
+
+def test_force_after_a_killed_install_puts_back_what_the_image_shipped(device_root, server,
+                                                                       sota, tmp_path):
+    """A file of the image that the killed install replaced (its root.crt, a link in place
+    of client.pem) is the image's again once --force abandons that install; a file the
+    install only added goes."""
+    (sota / "sota.toml").write_text('[pacman]\ntype = "ostree"\n')
+    (sota / "root.crt").write_text("the image's root.crt\n")
+    (sota / "client.pem").symlink_to("/usr/share/image/client.pem")
+    kill_at("before-sota-toml", device_root, server, tmp_path / "marker")
+    assert "the image's" not in (sota / "root.crt").read_text()
+    server.default = Reply.error(400, "Invalid factory(acme) must be other")
+    run = run_cli(*device_args(device_root, server, "--json", "--force"))
+    assert run.returncode == 4, run.stderr
+    assert (sota / "sota.toml").read_text() == '[pacman]\ntype = "ostree"\n'
+    assert (sota / "root.crt").read_text() == "the image's root.crt\n"
+    assert os.readlink(sota / "client.pem") == "/usr/share/image/client.pem"
+    assert not (sota / "client.chained").exists() and not (sota / "pkey.pem").exists()
+
+
+def test_a_rollback_never_reads_through_a_link_in_the_image(device_root, server, sota,
+                                                            tmp_path):
+    """A link where client.pem goes, to a file outside the sysroot (a file of the host): an
+    install that fails after its snapshot puts the link back as a link, and the host
+    file's content never lands in the image."""
+    assert run_cli(*device_args(device_root, server)).returncode == 0
+    canary = tmp_path / "host" / "canary"
+    canary.parent.mkdir()
+    canary.write_text("CANARY: a file of the host\n")
+    (sota / "client.pem").unlink()
+    (sota / "client.pem").symlink_to(canary)
+    with Paused("before-sota-toml", tmp_path / "marker",
+                device_args(device_root, server, "--json", "--force")) as agent:
+        # sota.toml's temporary file is taken: its write fails, and the install rolls back.
+        (sota / f".sota.toml.tmp-{agent.pid}").write_text("in the way")
+        run = agent.resume()
+    assert run.returncode == 6, run.stderr
+    assert "rolled back" in run.json["error"]["message"] or \
+        "nothing was installed" in run.json["error"]["message"]
+    for path in device_root.root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert b"CANARY" not in path.read_bytes(), path
+    assert os.readlink(sota / "client.pem") == str(canary)
+    assert canary.read_text() == "CANARY: a file of the host\n"
 

@@ -58,14 +58,14 @@ ROWS = {
                         message="Connection refused"),
     "503 x3": Row(replies=[Reply(status=503, headers=FAST)] * 3, requests=4,
                   message="HTTP 503"),
-    "503 always": always(Reply(status=503, headers=FAST), times=4, message="HTTP 503"),
+    "503 always": always(Reply(status=503, headers=FAST), message="HTTP 503"),
     "503 with a Retry-After past the deadline": Row(default=GIVE_UP, exit=5,
                                                     message="gave up after 1 attempt "),
     "429 once": Row(replies=[Reply(status=429, headers=FAST)], requests=2,
                     message="HTTP 429"),
     # The deadline is the subject: an answer held until the server stops outlasts it. The
     # agent's start-up must take less than the timeout for its one request to be sent.
-    "hang past the timeout": Row(default=Reply.hang(600), exit=5, timeout="8",
+    "hang past the timeout": Row(default=Reply.hang(600), exit=5, timeout="5",
                                  message="no answer"),
     "closed without an answer once": Row(replies=[Reply(close=True)], requests=2),
     "409": Row(default=Reply.error(409, "Device already exists"), exit=4,

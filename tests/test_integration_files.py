@@ -7,11 +7,13 @@ running its own do_install:append shell code and its python functions on a scrat
 
 import hashlib
 import importlib
+import json
 import os
 import re
 import shlex
 import stat
 import subprocess
+import sys
 import tomllib
 import types
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import pytest
 
 from lmp_autoreg.paths import DEFAULTS_FILE
 
-from conftest import require_tool
+from conftest import clean_env, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_NAME = "lmp-device-auto-register.service"
@@ -467,6 +469,25 @@ def test_recipe_recommends_meta_pythons_pkcs11(parsed: ParsedRecipe) -> None:
         [wanted] = [r for r in extras[extra] if r.startswith("python-pkcs11")]
         oldest = tuple(int(n) for n in wanted.removeprefix("python-pkcs11>=").split("."))
         assert oldest <= (0, 7, 0), f"the {extra} extra refuses meta-python's 0.7.0: {wanted}"
+
+
+def test_without_pkcs11_the_hsm_error_names_the_package_the_recipe_recommends(
+        parsed: ParsedRecipe, tmp_path: Path) -> None:
+    """An image built without the recommended package tells its user which package to add:
+    the one the recipe names, as a bitbake user would type it."""
+    from lmp_autoreg.testing.device import FakeDevice
+
+    device = FakeDevice(tmp_path, hsm={"HSM_MODULE": "/nonexistent.so", "HSM_PIN": "1234",
+                                       "HSM_SOPIN": "1234"}).build()
+    hidden = "import sys; sys.modules['pkcs11'] = None; from lmp_autoreg.cli import run; run()"
+    proc = subprocess.run(
+        [sys.executable, "-c", hidden, "--sysroot", str(device.root), "--device-api",
+         "https://192.0.2.1/sign", "--dry-run", "--json"],
+        capture_output=True, text=True, timeout=60, env=clean_env(), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    message = json.loads(proc.stdout)["error"]["message"]
+    [package] = parsed.var("RRECOMMENDS", "${PN}")
+    assert f"({package})" in message and "lmp-autoreg[hsm]" in message
 
 
 def test_recipe_license_checksum_matches(parsed: ParsedRecipe) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from lmp_autoreg.journal import IDENTIFIER, priority, stderr_is_journal
+from lmp_autoreg.progress import PROMPT
 from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.server import Reply
 
@@ -282,8 +283,8 @@ def test_stderr_is_journal_compares_device_and_inode(tmp_path):
 
 
 def test_priorities():
-    assert [priority(level) for level in (logging.DEBUG, logging.INFO, logging.WARNING,
-                                          logging.ERROR, logging.CRITICAL)] == [7, 6, 4, 3, 2]
+    assert [priority(level) for level in (logging.DEBUG, logging.INFO, PROMPT, logging.WARNING,
+                                          logging.ERROR, logging.CRITICAL)] == [7, 6, 5, 4, 3, 2]
 
 
 def test_the_board_serial_is_a_field_and_in_the_status_lines(tmp_path, registration_server):

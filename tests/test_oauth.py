@@ -4,7 +4,10 @@ section 9; lmp_autoreg/oauth.py, handoff.py and the kit's testing/oauth.py).
 The agent runs as a real process against the kit's loopback server with its /oauth
 endpoints. Every decision of the kit (approve, deny, expire, slow_down) is taken at the
 N-th poll of a code, an event on the server, so no test depends on how fast the agent
-starts; the polls are the agent's own (1 s, the floor: ``oauth.MIN_INTERVAL``).
+starts; the polls are the agent's own (1 s, the floor: ``oauth.MIN_INTERVAL``). The
+timing rules (intervals, slow_down, backoff, the code's lifetime, the deadline) run the
+agent's flow in-process on a clock the test drives (``Clock``), against the same real
+endpoints: exact, and nothing spent waiting.
 """
 
 import base64
@@ -28,7 +31,7 @@ from lmp_autoreg.testing.device import FakeDevice
 from lmp_autoreg.testing.oauth import OAuthAuthority
 from lmp_autoreg.testing.server import RegistrationServer
 
-from conftest import TIMEOUT, any_text, clean_env, device_args, run_cli
+from conftest import TIMEOUT, any_text, clean_env, device_args, require_module, run_cli
 from fakebin import FakeBin
 
 
@@ -110,21 +113,19 @@ def test_approved_after_polls_registers_with_the_bearer_token(serve, device):
     assert_no_secret(authority, run.stdout, run.stderr)
 
 
-def test_the_prompt_survives_quiet(serve, device):
+@pytest.mark.parametrize("quiet", [(), ("-q",)], ids=["normal", "quiet"])
+def test_the_prompt_is_an_instruction_even_with_quiet(serve, device, quiet):
+    """A person reads what to do, with -q too, and it is not labelled a warning."""
     server, authority = serve(approve_after=1)
-    run = run_cli(*by_hand(device, server, "-q"))
+    run = run_cli(*by_hand(device, server, *quiet))
     assert run.returncode == 0, run.stderr
-    assert authority.codes[0].user_code in run.stderr
+    code = authority.codes[0].user_code
+    assert f"lmp-device-auto-register: to register this device, enter the code {code} at " \
+        in run.stderr
+    assert "warning" not in run.stderr
+    assert ("registering intel-corei7-64 as" in run.stderr) == (not quiet)
 
 
-def test_slow_down_adds_five_seconds_for_good(serve, device):
-    server, _ = serve(slow_down_at={1}, approve_after=3)
-    run = run_cli(*with_timeout(by_hand(device, server), "40"))
-    assert run.returncode == 0, run.stderr
-    first, second, third = (r.time for r in polls(server))
-    # 1 s, plus 5 s after slow_down, for every poll after it (sleeps are never short).
-    assert second - first >= 6.0 and third - second >= 6.0
-    assert run.json["oauth"]["interval"] == 6.0
 
 
 @pytest.mark.parametrize(
@@ -144,42 +145,51 @@ def test_the_servers_verdict_ends_the_flow(serve, device, knob, code, state, kin
     assert registrations(server) == []
 
 
-def test_the_codes_lifetime_ends_the_flow(serve, device):
-    server, authority = serve(expires_in=2.5)
-    run = run_cli(*by_hand(device, server))
-    assert run.returncode == 5, run.stderr
-    assert run.json["oauth"]["state"] == "expired"
-    issued = authority.codes[0].issued
-    # The agent stops polling once the code cannot be approved any more: every poll came
-    # within its lifetime, so the server never had to answer expired_token.
-    assert polls(server) and all(r.time < issued + 2.5 for r in polls(server))
 
 
 def with_timeout(args: list[str], seconds: str) -> list[str]:
     return [a if a != TIMEOUT else seconds for a in args]
 
 
-def test_the_deadline_bounds_the_flow(serve, device):
-    server, _ = serve()  # nobody ever approves; the code lives 15 minutes
-    run = run_cli(*with_timeout(by_hand(device, server), "3"))
+
+
+
+
+@pytest.mark.parametrize("where", ["stderr", "journal"])
+def test_a_device_code_the_server_repeats_in_an_error_is_never_shown(serve, device, tmp_path,
+                                                                    where):
+    """The token endpoint's failed answers repeat the device code, in a body that is not
+    JSON and in error_description; what the agent reports of them (stderr, or the journal
+    and STATUS= under systemd, and the JSON's error) says what failed without the code."""
+    from test_journal import DatagramSink, journal_entries, require_namespaces, statuses
+
+    server, authority = serve()  # nobody approves: the last failure ends in the message
+    authority.script_token(
+        (500, "<html>no such code {device_code}</html>"),
+        (400, json.dumps({"error": "invalid_request",
+                          "error_description": "bad device_code {device_code}"})))
+    args = with_timeout(by_hand(device, server), "5")
+    if where == "stderr":
+        run, shown = run_cli(*args), []
+    else:
+        require_module("systemd.journal")
+        require_namespaces()
+        sink = DatagramSink(str(tmp_path / "notify.sock"))
+        try:
+            run, entries = journal_entries(tmp_path, args,
+                                           {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+        finally:
+            lines = statuses(sink.close())
+        shown = [json.dumps(e) for e in entries] + lines
+        assert run.stderr == "" and any("token poll 2 failed" in t for t in shown)
     assert run.returncode == 5, run.stderr
-    assert run.json["oauth"]["state"] == "timed-out"
-    assert "--timeout 3" in run.json["error"]["message"]
-    # Nothing reached the server after the deadline (it started before the first request).
-    assert server.requests[-1].time - server.requests[0].time < 3.0
-    assert registrations(server) == []
-
-
-def test_other_errors_are_retried_with_backoff(serve, device):
-    server, authority = serve(approve_after=1)
-    authority.script_token((500, "<html>oops</html>"), (200, "not json"))
-    run = run_cli(*by_hand(device, server))
-    assert run.returncode == 0, run.stderr
-    times = [r.time for r in polls(server)]
-    assert len(times) == 3
-    # The agent's backoff after the second failure in a row (2 s), never the 1 s interval.
-    assert times[2] - times[1] >= 2.0 * (1 - 0.25)
-    assert "token poll 1 failed: HTTP 500" in run.stderr
+    (code,) = authority.codes
+    assert len(polls(server)) >= 2
+    message = run.json["error"]["message"]
+    assert "the last poll failed: HTTP 400" in message and "<redacted>" in message
+    shown += [run.stdout, run.stderr]
+    assert "no such code <redacted>" in "".join(shown)
+    assert not any(code.device_code in text for text in shown)
 
 
 def test_a_refused_device_authorization_is_exit_4(serve, device):
@@ -261,6 +271,7 @@ def test_a_terminal_starts_the_flow_and_stdout_stays_one_object(serve, device):
     terminal = b"".join(seen).decode()
     assert authority.codes[0].user_code in terminal
     assert "to register this device" not in stdout.decode()
+    assert "to register this device" in terminal and "warning" not in terminal
     assert_no_secret(authority, stdout.decode(), terminal)
 
 
@@ -273,7 +284,7 @@ def test_under_systemd_the_prompt_is_the_status_line(serve, device, tmp_path):
     assert run.returncode == 0, run.stderr
     code = authority.codes[0].user_code
     shown = [line for line in lines if code in line]
-    assert shown and shown[0].startswith("to register this device, open ")
+    assert shown and shown[0].startswith(f"to register this device, enter the code {code} at ")
     for secret in secrets_of(authority):
         assert not any(secret in line for line in lines)
 
@@ -336,6 +347,10 @@ def test_tool_backend_gets_the_token_over_loopback_never_argv(serve, device, fak
     assert proc.argv[2:] == call.argv  # /proc/<pid>/cmdline: interpreter, script, argv
     base = proc.env["OAUTH_BASE"]
     assert base.startswith("http://127.0.0.1:") and base != oauth_url(server)
+    # While the tool ran, the kernel had the hand-off listening on 127.0.0.1 alone: no
+    # other interface of the device could reach the token (0100007F: 127.0.0.1).
+    (listen,) = fakes.calls("lmp-device-register/listen")
+    assert listen.argv == ["0100007F"]
     # Only the person's flow reached the kit's endpoints: the tool's went to the hand-off.
     assert len([r for r in server.posts if r.path == "/oauth/authorization/device/"]) == 1
     for secret in secrets_of(authority):
@@ -514,27 +529,6 @@ def test_a_run_against_bad_answers_ends_with_a_documented_code_in_time(tmp_path_
     assert Path(dev.sota / "client.pem").exists() == (run.returncode == 0)
 
 
-# RFC 8628 appendix A and RFC 6749 appendix A.17: a device code and an access token are
-# 1*VSCHAR (printable ASCII). JSON can carry anything else, a lone surrogate included.
-@pytest.mark.parametrize("value", ["\ud800", "t\u00f6ken", "tab\tx", ""])
-@pytest.mark.parametrize("field", ["device_code", "access_token"])
-def test_a_code_or_token_http_cannot_carry_is_a_bad_answer(tmp_path_factory, field, value):
-    root = tmp_path_factory.mktemp("device")
-    dev = FakeDevice(root, token=None).build()
-    authority = OAuthAuthority(interval=1, approve_after=1)
-    code = {"device_code": "dc", "user_code": "ABCD-EFGH", "expires_in": 900, "interval": 1,
-            "verification_uri": "https://app.example/activate"}
-    if field == "device_code":  # every answer bad, to the deadline
-        authority.script_device(*[(200, json.dumps({**code, field: value}))] * 20)
-    else:
-        authority.script_device((200, json.dumps(code)))
-        authority.script_token(*[(200, json.dumps({field: value}))] * 20)
-    with RegistrationServer(oauth=authority) as server:
-        run = run_cli(*with_timeout(by_hand(dev, server), "3"), timeout=30)
-    assert run.returncode == 5, run.stderr
-    assert run.json["exit_code"] == 5 and "Traceback" not in run.stderr
-    assert field in run.json["error"]["message"]
-    assert not Path(dev.sota / "client.pem").exists()
 
 
 def test_the_hand_off_gives_the_token_once_to_the_one_client_that_knows_the_path():
@@ -562,15 +556,6 @@ def test_the_hand_off_gives_the_token_once_to_the_one_client_that_knows_the_path
         urllib.request.urlopen(base + "/token/", data=form, timeout=5)
 
 
-def test_never_polls_faster_than_once_a_second(serve, device):
-    """The floor: an interval of 0 from the server is not a busy loop."""
-    server, _ = serve(interval=0, approve_after=3)
-    run = run_cli(*by_hand(device, server))
-    assert run.returncode == 0, run.stderr
-    times = [r.time for r in polls(server)]
-    assert len(times) == 3
-    assert all(b - a >= oauth.MIN_INTERVAL for a, b in zip(times, times[1:], strict=False))
-    assert run.json["oauth"]["interval"] == oauth.MIN_INTERVAL
 
 
 ODD_NUMBERS = st.one_of(
@@ -611,3 +596,129 @@ def test_what_a_person_is_shown_never_steers_the_terminal(user_code, path, compl
     shown = oauth.prompt("u", "acme", auth)
     assert all(line.isprintable() for line in shown.splitlines())
     assert "\x1b" not in shown
+
+
+# -- the flow on a clock the test drives -----------------------------------------------
+# The agent's own code (oauth.obtain_token) against the kit's real endpoints, with the
+# flow's clock and sleep driven here: every wait is recorded, none is spent. What a real
+# process shows of the same (the prompt, the exit codes, the JSON) is tested above in
+# real time.
+
+
+class Clock:
+    """A monotonic clock that moves only when the flow sleeps; ``sleeps``, every wait."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def flow(device, server, clock: Clock, *argv: str, timeout: str | None = "40"):
+    """Run the flow for ``device`` on ``clock``: (the Grant or the exception, Result)."""
+    from lmp_autoreg.result import Result
+    from lmp_autoreg.retry import Deadline
+
+    extra = ("--timeout", timeout) if timeout is not None else ()
+    settings = resolve(device, "--oauth", "--oauth-url", oauth_url(server), *extra, *argv,
+                       terminal=False)
+    result = Result()
+    deadline = Deadline(settings.timeout, clock.monotonic)
+    try:
+        outcome = oauth.obtain_token(settings, "dev-uuid", result, deadline, sleep=clock.sleep)
+    except (NoAnswer, ServerRefused) as e:
+        outcome = e
+    return outcome, result
+
+
+def test_slow_down_adds_five_seconds_for_good(serve, device):
+    server, _ = serve(slow_down_at={1}, approve_after=3)
+    clock = Clock()
+    grant, result = flow(device, server, clock)
+    assert isinstance(grant, oauth.Grant)
+    # 1 s, then 1 s + 5 s after slow_down, for every poll after it.
+    assert clock.sleeps == [1.0, 6.0, 6.0]
+    assert len(polls(server)) == 3
+    assert result.oauth["interval"] == 6.0 and result.oauth["state"] == "approved"
+
+
+def test_the_codes_lifetime_ends_the_flow(serve, device):
+    server, _ = serve(expires_in=2.5)
+    clock = Clock()
+    error, result = flow(device, server, clock, timeout=None)
+    assert isinstance(error, NoAnswer) and "expired (2.5 s)" in str(error)
+    assert result.oauth["state"] == "expired"
+    # Polls at 1 s and 2 s; the next, at 3 s, would come after the code's end: not sent.
+    assert clock.sleeps == [1.0, 1.0] and len(polls(server)) == 2
+
+
+def test_the_deadline_bounds_the_flow(serve, device):
+    server, _ = serve()  # nobody ever approves; the code lives 15 minutes
+    clock = Clock()
+    error, result = flow(device, server, clock, timeout="3")
+    assert isinstance(error, NoAnswer) and "--timeout 3" in str(error)
+    assert result.oauth["state"] == "timed-out"
+    # Polls at 1 and 2 s; none at 3 s, the deadline.
+    assert clock.sleeps == [1.0, 1.0] and len(polls(server)) == 2
+
+
+def test_other_errors_are_retried_with_backoff(serve, device, caplog):
+    server, authority = serve(approve_after=1)
+    authority.script_token((500, "<html>oops</html>"), (200, "not json"))
+    clock = Clock()
+    with caplog.at_level("WARNING", logger="lmp_autoreg"):
+        grant, _ = flow(device, server, clock)
+    assert isinstance(grant, oauth.Grant)
+    # The interval, then the agent's backoff: 1 s after the first failure, 2 s after the
+    # second in a row (never the 1 s interval again).
+    assert clock.sleeps == [1.0, 1.0, 2.0] and len(polls(server)) == 3
+    assert "token poll 1 failed: HTTP 500" in caplog.text
+
+
+def test_never_polls_faster_than_once_a_second(serve, device):
+    """The floor: an interval of 0 from the server is not a busy loop."""
+    server, _ = serve(interval=0, approve_after=3)
+    clock = Clock()
+    grant, result = flow(device, server, clock)
+    assert isinstance(grant, oauth.Grant)
+    assert clock.sleeps == [oauth.MIN_INTERVAL] * 3
+    assert result.oauth["interval"] == oauth.MIN_INTERVAL
+
+
+# RFC 8628 appendix A and RFC 6749 appendix A.17: a device code and an access token are
+# 1*VSCHAR (printable ASCII). JSON can carry anything else, a lone surrogate included.
+CANNOT_CARRY = ["\ud800", "t\u00f6ken", "tab\tx", ""]
+
+
+@pytest.mark.parametrize("value", CANNOT_CARRY)
+def test_a_device_code_http_cannot_carry_is_a_bad_answer(tmp_path_factory, value):
+    """Every device authorization answer bad, to the deadline: a real process, exit 5."""
+    root = tmp_path_factory.mktemp("device")
+    dev = FakeDevice(root, token=None).build()
+    authority = OAuthAuthority(interval=1, approve_after=1)
+    code = {"device_code": value, "user_code": "ABCD-EFGH", "expires_in": 900, "interval": 1,
+            "verification_uri": "https://app.example/activate"}
+    authority.script_device(*[(200, json.dumps(code))] * 20)
+    with RegistrationServer(oauth=authority) as server:
+        run = run_cli(*with_timeout(by_hand(dev, server), "3"), timeout=30)
+    assert run.returncode == 5, run.stderr
+    assert run.json["exit_code"] == 5 and "Traceback" not in run.stderr
+    assert "device_code" in run.json["error"]["message"]
+    assert not Path(dev.sota / "client.pem").exists()
+
+
+@pytest.mark.parametrize("value", CANNOT_CARRY)
+def test_an_access_token_http_cannot_carry_is_a_bad_answer(serve, device, value):
+    server, authority = serve(approve_after=1)
+    authority.script_token(*[(200, json.dumps({"access_token": value}))] * 20)
+    clock = Clock()
+    error, result = flow(device, server, clock, timeout="3")
+    assert isinstance(error, NoAnswer) and "access_token" in str(error)
+    assert result.oauth["state"] == "timed-out" and sum(clock.sleeps) < 3.0

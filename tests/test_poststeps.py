@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,6 +25,7 @@ from lmp_autoreg.testing.gateway import ConfigFile, DeviceGateway
 
 from conftest import device_args, live_device_args, run_cli
 from fakebin import FakeBin
+from pausing import Paused
 
 TOKEN = "not-a-real-token"
 
@@ -140,15 +142,21 @@ def test_auto_failing_checkin_is_a_warning(live_root, device_root, registration_
     assert run.json["services"] == {"aktualizr-lite": "queued", "fioconfig": "queued"}
 
 
-def test_checkin_timeout_is_bounded(live_root, device_root, registration_server, fakes, systemd):
+def test_checkin_timeout_is_bounded(live_root, device_root, registration_server, fakes, systemd,
+                                    tmp_path):
+    """The deadline bounds the check-in too: what the registration left of --timeout, not
+    --timeout again. The test holds the agent 4 s before its request, so at most 6 s of
+    the 10 are left for a check-in that would take 120."""
     fakes.set("fioconfig", sleep=120)
-    # The deadline bounds the check-in too (what the registration left of it); the
-    # registration before it must fit in it even on a loaded machine.
-    run = register(device_root, registration_server, fakes, systemd, "--timeout", "10",
-                   "--no-start")
+    args = live_device_args(device_root, registration_server, "--json", "--timeout", "10",
+                            "--no-start")
+    with Paused("before-request", tmp_path / "marker", args,
+                env=fakes.environ(**systemd)) as paused:
+        time.sleep(4.0)
+        run = paused.resume(timeout=60)
     assert run.returncode == 0, run.stderr
     said = re.fullmatch(r"failed: timed out after (\d+) s", run.json["fioconfig"])
-    assert said and int(said.group(1)) <= 10
+    assert said and int(said.group(1)) <= 6
     # The killed systemd-run left its unit running fioconfig: the agent stopped it.
     assert commands(fakes)[-1] == ["systemctl", "stop", "lmp-autoreg-fioconfig-check-in"]
     left = fakes.dir / "units" / "lmp-autoreg-fioconfig-check-in.pid"

@@ -301,5 +301,5 @@ def test_journal_write_on_a_full_disk_names_the_path(fs):
     with state.locked():
         fs.set_disk_usage(fs.get_disk_usage("/").used + 300, path="/")
         with pytest.raises(LocalFailure, match="cannot write /var/sota/.lmp-autoreg/install.json"):
-            state.save_journal("u", "k" * 100, {"sota.toml": "x" * 400}, ["sota.toml"])
+            state.save_journal("u", "k" * 100, {"sota.toml": "x" * 400}, ["sota.toml"], {})
     assert sorted(os.listdir("/var/sota/.lmp-autoreg")) == ["lock"]

@@ -22,7 +22,8 @@ A test steers it without racing the agent: ``approve_after``/``deny_after``/
 ``expire_after`` decide at the N-th poll of a code (an event on the server, not a time),
 ``slow_down_at`` answers ``slow_down`` to the polls it names, ``approve``/``deny``/
 ``expire``/``slow_down`` act on the pending codes now, and ``script_device``/
-``script_token`` queue raw answers (any status, any bytes) for the next requests.
+``script_token`` queue raw answers (any status, any bytes) for the next requests
+(``{device_code}`` in a token answer repeats the polled code).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class OAuthAuthority:
             self._device_script.extend((s, _bytes(b)) for s, b in answers)
 
     def script_token(self, *answers: tuple[int, bytes | str]) -> None:
-        """Answer the next token polls with these (status, body), before any logic."""
+        """Answer the next token polls with these (status, body), before any logic.
+        ``{device_code}`` in a body is the polled device code: a server repeating it."""
         with self._lock:
             self._token_script.extend((s, _bytes(b)) for s, b in answers)
 
@@ -208,7 +210,9 @@ class OAuthAuthority:
     def _token(self, form: Mapping[str, str]) -> tuple[int, bytes]:
         with self._lock:
             if self._token_script:
-                return self._token_script.popleft()
+                status, body = self._token_script.popleft()
+                polled = form.get("device_code", "").encode("utf-8")
+                return status, body.replace(b"{device_code}", polled)
             if form.get("grant_type") != GRANT_TYPE:
                 return _error("unsupported_grant_type")
             code = self._codes.get(form.get("device_code", ""))
