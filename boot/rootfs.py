@@ -2,16 +2,18 @@
 agent as the recipe installs it, the stand-ins of meta-lmp's units and the boot test's own
 units.
 
-Two roots: bookworm (systemd 252, Python 3.11), whose python3-cryptography is older than
+Three roots: bookworm (systemd 252, Python 3.11), whose python3-cryptography is older than
 the agent needs, gets the agent and PyPI's wheels of its dependencies in a venv built here;
 forky (systemd 262, Python 3.14), nearer the wrynose images a factory ships, gets it as the
 recipe does: the wheel installed into the system Python (``python -m installer``, as oe-core's
-python_pep517 class does), its dependencies the distribution's packages.
+python_pep517 class does), its dependencies the distribution's packages. forky for arm64
+too, run under user-mode emulation (emulation.py), as forky is, with SoftHSM2 and the
+python-pkcs11 wheel that target/run.py compiles for arm64.
 
 The Debian mirror is the one this machine's apt uses (deb822 ``*.sources`` or
 ``sources.list``) for its own release, bookworm; forky comes from the same archive with
 debootstrap's ``sid`` script. Each base is cached as a tarball keyed on suite, variant,
-script and packages.
+script and packages (and the architecture, when it is not this machine's).
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ def install_pkcs11(tree: Path, root: Root, cgroup_name: str) -> None:
     the agent: the wheels make test-target compiled for this architecture (target/run.py
     wheel, which builds them first when they are not cached)."""
     found = subprocess.run([sys.executable, str(ROOT / "target/run.py"), "--arch",
-                            root.arch.name, "wheel"], check=True, capture_output=True,
+                            root.arch.name, "wheel"], check=True, stdout=subprocess.PIPE,
                            text=True, timeout=3 * 3600).stdout.strip()
     wheels = Path(found)
     tag = "cp" + guest_python(tree).replace(".", "")
@@ -238,10 +240,10 @@ def install_pkcs11(tree: Path, root: Root, cgroup_name: str) -> None:
 
 def versions(tree: Path, root: Root, cgroup_name: str) -> str:
     """The agent's Python and the versions of its dependencies in the prepared tree."""
+    names = DISTRIBUTIONS + (HSM_DISTRIBUTIONS if root.hsm else ())
     code = ("import importlib.metadata as m, platform; "
-            f"print('Python ' + platform.python_version() + ' on ' + platform.machine(), "
-            f"*(d + ' ' + m.version(d) for d in {DISTRIBUTIONS + HSM_DISTRIBUTIONS * root.hsm!r}),"
-            " sep=', ')")
+            "print('Python ' + platform.python_version() + ' on ' + platform.machine(), "
+            f"*(d + ' ' + m.version(d) for d in {names!r}), sep=', ')")
     return run_in(tree, cgroup_name, [], [root.python, "-c", code]).strip()
 
 
