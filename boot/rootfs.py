@@ -118,6 +118,9 @@ ROOTS = [
 # Shown for each root: the versions the agent runs with.
 DISTRIBUTIONS = ("requests", "cryptography", "systemd-python")
 HSM_DISTRIBUTIONS = ("python-pkcs11",)
+# The kit's own for a check-in with the key on a token (lmp_autoreg.testing.p11tls): pure
+# Python, PyPI's wheels, as the kit's test extra has it (the agent needs none of it).
+KIT_HSM = ("tlslite-ng>=0.8",)
 
 
 def cache_dir() -> Path:
@@ -221,20 +224,25 @@ def install_system(tree: Path, work: Path, cgroup_name: str) -> None:
            ["python3", "-m", "installer", "--prefix", "/usr", f"/wheels/{wheel.name}"])
 
 
-def install_pkcs11(tree: Path, root: Root, cgroup_name: str) -> None:
+def install_hsm(tree: Path, root: Root, work: Path, cgroup_name: str) -> None:
     """python-pkcs11 and its dependencies into the system Python, as install_system installs
     the agent: the wheels make test-target compiled for this architecture (target/run.py
-    wheel, which builds them first when they are not cached)."""
+    wheel, which builds them first when they are not cached); and KIT_HSM, PyPI's wheels."""
     found = subprocess.run([sys.executable, str(ROOT / "target/run.py"), "--arch",
                             root.arch.name, "wheel"], check=True, stdout=subprocess.PIPE,
                            text=True, timeout=3 * 3600).stdout.strip()
     wheels = Path(found)
-    tag = "cp" + guest_python(tree).replace(".", "")
+    guest = guest_python(tree)
+    tag = "cp" + guest.replace(".", "")
     if not list(wheels.glob(f"python_pkcs11-*-{tag}-*.whl")):
         raise SystemExit(f"no python-pkcs11 wheel for {tag} in {wheels}")
-    run_in(tree, cgroup_name, [f"--bind-ro={wheels}:/wheels",
+    kit = work / "kit-wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+                    "--only-binary=:all:", "--python-version", guest, "--implementation", "py",
+                    "--platform", "any", "--dest", str(kit), *KIT_HSM], check=True, timeout=600)
+    run_in(tree, cgroup_name, [f"--bind-ro={wheels}:/wheels", f"--bind-ro={kit}:/kit-wheels",
                                "--setenv=DEB_PYTHON_INSTALL_LAYOUT=deb"],
-           ["/bin/sh", "-ec", 'for w in /wheels/*.whl; do '
+           ["/bin/sh", "-ec", 'for w in /wheels/*.whl /kit-wheels/*.whl; do '
                               'python3 -m installer --prefix /usr "$w"; done'])
 
 
@@ -255,7 +263,7 @@ def prepare(root: Root, tree: Path, work: Path, cgroup_name: str) -> str:
         tar.extractall(tree, filter="fully_trusted")
     (install_venv if root.venv else install_system)(tree, work, cgroup_name)
     if root.hsm:
-        install_pkcs11(tree, root, cgroup_name)
+        install_hsm(tree, root, work, cgroup_name)
     # A script, not a link: a venv's python finds its pyvenv.cfg only through its own path.
     kit_python = tree / KIT_PYTHON.lstrip("/")
     kit_python.parent.mkdir(parents=True, exist_ok=True)
