@@ -2,7 +2,8 @@
 
 Laid out as ``lmp-device-register`` lays it out, so that aktualizr-lite and fioconfig find
 it: the token labelled ``aktualizr``; an EC P-256 key pair labelled ``tls`` with id ``01``,
-generated on the token, its private half sensitive and never extractable; the issued
+generated on the token, its private half sensitive and never extractable, and allowed to
+derive (``CKA_DERIVE``: fioconfig decrypts its configuration with the token's ECDH); the issued
 certificate stored on the token as ``client``, id ``03``.
 
 ``TokenKey`` and ``TokenKeys`` are the ``devicekey`` interface of such a key, so that an
@@ -191,6 +192,7 @@ class _Session:
             public_template={Attribute.VERIFY: True, Attribute.PRIVATE: False},
             private_template={
                 Attribute.SIGN: True,
+                Attribute.DERIVE: True,  # fioconfig's ECIES: CKM_ECDH1_DERIVE on the token
                 Attribute.SENSITIVE: True,
                 Attribute.EXTRACTABLE: False,
                 Attribute.PRIVATE: True,

@@ -348,14 +348,15 @@ _FIOCONFIG = r"""
 # The kit's stand-in for the real "fioconfig check-in" (lmp_autoreg.testing.fioconfig: it
 # talks to the kit's device gateway as the real one does). Knobs: "exit"/"stdout"/
 # "stderr"/"sleep" replace it with that behaviour; "retry_delays" (seconds) and
-# "handlers_dir" stand in for the real schedule and /usr/share/fioconfig/handlers/.
+# "handlers_dir" stand in for the real schedule and /usr/share/fioconfig/handlers/; "root"
+# is the device tree sota.toml's paths are in.
 if any(k in CONF for k in ("exit", "stdout", "stderr", "sleep")):
     time.sleep(CONF.get("sleep", 0))
     sys.stdout.write(CONF.get("stdout", ""))
     sys.stderr.write(CONF.get("stderr", ""))
     sys.exit(CONF.get("exit", 0))
 from lmp_autoreg.testing import fioconfig
-knobs = {k: CONF[k] for k in ("retry_delays", "handlers_dir") if k in CONF}
+knobs = {k: CONF[k] for k in ("retry_delays", "handlers_dir", "root") if k in CONF}
 sys.exit(fioconfig.main(sys.argv[1:], **knobs))
 """
 

@@ -35,6 +35,7 @@ with token.open(user_pin=pin) as session:
         if cls == ObjectClass.PRIVATE_KEY:
             entry["sensitive"] = obj[Attribute.SENSITIVE]
             entry["extractable"] = obj[Attribute.EXTRACTABLE]
+            entry["derive"] = obj[Attribute.DERIVE]
         if cls == ObjectClass.CERTIFICATE:
             entry["der"] = bytes(obj[Attribute.VALUE]).hex()
         name = f"{cls.name.lower()}:{obj[Attribute.LABEL]}"

@@ -67,6 +67,7 @@ def assert_registered_on_token(softhsm: SoftHsm, sota: Path) -> None:
                                    ("private_key:tls", "public_key:tls", "certificate:client"))
     assert (private["id"], public["id"], cert["id"]) == ("01", "01", "03")
     assert private["sensitive"] is True and private["extractable"] is False
+    assert private["derive"] is True  # fioconfig's ECIES derives with it
     client = identity.load_certificate((sota / "client.pem").read_bytes())
     assert bytes.fromhex(cert["der"]) == client.public_bytes(Encoding.DER)
     point = bytes.fromhex(public["point"])[2:]  # the DER OCTET STRING around the point

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -63,6 +64,14 @@ def encrypt(
 
 def decrypt(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """The message in ``data``; ``DecryptionError`` when it is not one for this key."""
+    return decrypt_with(lambda point: private_key.exchange(ec.ECDH(), point), data)
+
+
+def decrypt_with(
+    shared_x: Callable[[ec.EllipticCurvePublicKey], bytes], data: bytes
+) -> bytes:
+    """``decrypt`` for a key that only its holder can use (a key on a PKCS#11 token):
+    ``shared_x`` gives the x coordinate of the ECDH shared point with the sender's point."""
     if not data or data[0] not in (2, 3, 4):
         raise DecryptionError("no ephemeral public point at the start")
     start = POINT_LEN if data[0] == 4 else COMPRESSED_LEN
@@ -72,7 +81,7 @@ def decrypt(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
         point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), data[:start])
     except ValueError as error:
         raise DecryptionError(f"bad ephemeral public point: {error}") from error
-    enc_key, mac_key = _keys(private_key.exchange(ec.ECDH(), point))
+    enc_key, mac_key = _keys(shared_x(point))
     sealed, tag = data[start:-TAG_LEN], data[-TAG_LEN:]
     if not hmac.compare_digest(hmac.new(mac_key, sealed, hashlib.sha256).digest(), tag):
         raise DecryptionError("the tag does not match: not encrypted to this key")

@@ -17,15 +17,24 @@ error or a 5xx is retried after 1, 2, 5, 13 and 30 s, then it exits 1; other sta
 exit 1 at once. Its log lines look like the real one's (``2006/01/02 15:04:05 LEVEL
 message``).
 
+With ``tls.pkey_source = "pkcs11"`` it uses the key and certificate on a PKCS#11 token,
+as the real one does through crypto11: ``[p11]`` names them (:mod:`.p11`, python-pkcs11),
+the TLS client authentication has the token sign (:mod:`.p11tls`, tlslite-ng), and the
+ECDH of each value's ECIES is the token's ``CKM_ECDH1_DERIVE``. The real one, built with
+crypto11 and run by hand on a SoftHSM2 token the agent registered, decrypted the kit
+gateway's configuration and ended as this one does where ``[p11]`` names what the token
+lacks. That mode needs the kit's ``test`` extra (python-pkcs11, tlslite-ng); a file key
+needs neither.
+
 Not imitated: the ``PATCH`` of a ``vpn`` build (it needs wireguard's ``wg``; without it the
-real one sends none either), and keys on a PKCS#11 token (the real one does the TLS and
-the ECDH on the token; this one exits 1 saying so).
+real one sends none either).
 """
 
 from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import http.client
 import json
 import os
@@ -35,13 +44,13 @@ import sys
 import time
 import tomllib
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lmp_autoreg.testing.ecies import DecryptionError, decrypt
+from lmp_autoreg.testing.ecies import DecryptionError, decrypt_with
 
 DEFAULT_CONFIG = ("/usr/lib/sota/conf.d", "/var/sota/sota.toml", "/etc/sota/conf.d/")
 DEFAULT_SECRETS = "/var/run/secrets"
@@ -113,6 +122,11 @@ def _safe_write(path: str, data: bytes) -> None:
 class CheckIn:
     """One ``fioconfig check-in``."""
 
+    #: The x coordinate of the ECDH shared point of the device's key with a sender's point.
+    shared_x: Callable[[ec.EllipticCurvePublicKey], bytes]
+    #: An ``http.client`` connection to the gateway, authenticated by the device's key.
+    connect: Callable[..., http.client.HTTPConnection]
+
     def __init__(
         self,
         config: Config,
@@ -131,24 +145,42 @@ class CheckIn:
             raise Fatal(f'Unable to create TLS config error="invalid tls.ca_source: '
                         f'{config.get("tls.ca_source")}"')
         source = config.get("tls.pkey_source")
-        if source == "pkcs11":
-            raise Fatal("stand-in fioconfig: PKCS#11 keys are not imitated")
-        if source != "file":
+        if source not in ("file", "pkcs11"):
             raise Fatal(f'Unable to create TLS config error="invalid tls.pkey_source: {source}"')
         self.storage = config.path("storage.path")
         if not self.storage:
             raise Fatal("Missing required config key: storage.path")
-        key_file = config.path("import.tls_pkey_path")
-        self.context = ssl.create_default_context(cafile=config.path("import.tls_cacert_path"))
-        self.context.load_cert_chain(config.path("import.tls_clientcert_path"), key_file)
+        self.cafile = config.path("import.tls_cacert_path")
+        if source == "pkcs11":
+            self._token_key()
+        else:
+            self._file_key()
+        self.url = os.environ.get("CONFIG_URL") or (
+            config.get("tls.server", DEFAULT_GATEWAY) + "/config")
+        self.encrypted = os.path.join(self.storage, "config.encrypted")
+
+    def _file_key(self) -> None:
+        key_file = self.config.path("import.tls_pkey_path")
+        context = ssl.create_default_context(cafile=self.cafile)
+        context.load_cert_chain(self.config.path("import.tls_clientcert_path"), key_file)
         with open(key_file, "rb") as handle:
             key = serialization.load_pem_private_key(handle.read(), None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise Fatal("Unsupported private key")
-        self.key = key
-        self.url = os.environ.get("CONFIG_URL") or (
-            config.get("tls.server", DEFAULT_GATEWAY) + "/config")
-        self.encrypted = os.path.join(self.storage, "config.encrypted")
+        self.shared_x = functools.partial(key.exchange, ec.ECDH())
+        self.connect = functools.partial(http.client.HTTPSConnection, context=context)
+
+    def _token_key(self) -> None:
+        from lmp_autoreg.testing import p11, p11tls  # python-pkcs11 and tlslite-ng
+
+        try:
+            key = p11.TokenKey(p11.P11.from_config(self.config.get))
+        except p11.TokenError as error:
+            if error.panics:
+                raise Fatal(f"panic: {error}", 2) from error
+            raise Fatal(f'Unable to create TLS config error="{error}"') from error
+        self.shared_x = key.shared_x
+        self.connect = functools.partial(p11tls.connection, key, self.cafile)
 
     def run(self) -> dict[str, str]:
         """Check in; return the files written (name -> content). Raises ``Fatal``."""
@@ -214,8 +246,7 @@ class CheckIn:
                     f'status={status} error="{error}"')
                 time.sleep(delay)
             try:
-                conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
-                                                   timeout=30, context=self.context)
+                conn = self.connect(parts.hostname or "", parts.port or 443, timeout=30)
                 try:
                     conn.request("GET", parts.path or "/", headers=headers)
                     response = conn.getresponse()
@@ -236,7 +267,7 @@ class CheckIn:
             return str(item.get("Value", ""))
         try:
             raw = base64.b64decode(item.get("Value", ""), validate=True)
-            return decrypt(self.key, raw).decode()
+            return decrypt_with(self.shared_x, raw).decode()
         except (ValueError, DecryptionError) as error:
             raise Fatal(f"{name}: Unable to ECIES decrypt {error}") from error
 
@@ -262,8 +293,10 @@ def main(
     *,
     handlers_dir: str = HANDLERS_DIR,
     retry_delays: Sequence[float] = RETRY_DELAYS,
+    root: str = "/",
 ) -> int:
-    """``fioconfig [global options] check-in``; the exit status."""
+    """``fioconfig [global options] check-in``; the exit status. ``root``: where the
+    paths of ``sota.toml`` are (a device tree that is not this machine's)."""
     args = list(argv)
     search: list[str] = []
     secrets = os.environ.get("SECRETS_DIR") or DEFAULT_SECRETS
@@ -284,8 +317,8 @@ def main(
         if not search:
             env_path = os.environ.get("SOTA_DIR")
             search = env_path.split(",") if env_path else list(DEFAULT_CONFIG)
-        CheckIn(Config(search), secrets, unsafe_handlers=unsafe, handlers_dir=handlers_dir,
-                retry_delays=retry_delays).run()
+        CheckIn(Config(search, root=root), secrets, unsafe_handlers=unsafe,
+                handlers_dir=handlers_dir, retry_delays=retry_delays).run()
     except Fatal as error:
         if error.code == HANDLER_FORCE_EXIT:
             return HANDLER_FORCE_EXIT
