@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,dev,kit$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-long test-target lint bench bench-check bench-target boot-test \
-	line bench-line clean FORCE
+.PHONY: all venv demo test test-long test-target test-target-long lint bench bench-check \
+	bench-target boot-test line bench-line clean FORCE
 
 all: test
 
@@ -41,8 +41,16 @@ test-long: $(STAMP)
 # The whole suite a second time on the target's Python: Python 3.14 with wrynose's library
 # versions, in a Debian forky root made with debootstrap and cached (target/run.py; needs
 # root, README). Runs with the host's python3 alone: the root has its own venv.
+# ARCH=arm64 does it in an arm64 root under user-mode emulation (qemu-user-static and
+# binfmt_misc): there test-target runs a part of the suite (target/run.py's SUBSET) and
+# test-target-long the whole (README).
+ARCH ?=
+TARGET_ARCH := $(if $(ARCH),--arch $(ARCH))
 test-target:
-	$(PYTHON) target/run.py test $(PYTEST_ARGS)
+	$(PYTHON) target/run.py $(TARGET_ARCH) test $(PYTEST_ARGS)
+
+test-target-long:
+	$(PYTHON) target/run.py $(TARGET_ARCH) --long test $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmp_autoreg tests bench boot target
@@ -76,7 +84,7 @@ bench-line: $(STAMP)
 # The same in the forky root of test-target (results in bench/results/forky);
 # BENCH_ARGS=--check for its budgets.
 bench-target:
-	$(PYTHON) target/run.py bench $(BENCH_ARGS)
+	$(PYTHON) target/run.py $(TARGET_ARCH) bench $(BENCH_ARGS)
 
 # Boots the agent under a real systemd (systemd-nspawn), once per scenario; needs root
 # (README). Never part of `make test`.

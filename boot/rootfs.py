@@ -2,16 +2,18 @@
 agent as the recipe installs it, the stand-ins of meta-lmp's units and the boot test's own
 units.
 
-Two roots: bookworm (systemd 252, Python 3.11), whose python3-cryptography is older than
+Three roots: bookworm (systemd 252, Python 3.11), whose python3-cryptography is older than
 the agent needs, gets the agent and PyPI's wheels of its dependencies in a venv built here;
 forky (systemd 262, Python 3.14), nearer the wrynose images a factory ships, gets it as the
 recipe does: the wheel installed into the system Python (``python -m installer``, as oe-core's
-python_pep517 class does), its dependencies the distribution's packages.
+python_pep517 class does), its dependencies the distribution's packages. forky for arm64
+too, run under user-mode emulation (emulation.py), as forky is, with SoftHSM2 and the
+python-pkcs11 wheel that target/run.py compiles for arm64.
 
 The Debian mirror is the one this machine's apt uses (deb822 ``*.sources`` or
 ``sources.list``) for its own release, bookworm; forky comes from the same archive with
 debootstrap's ``sid`` script. Each base is cached as a tarball keyed on suite, variant,
-script and packages.
+script and packages (and the architecture, when it is not this machine's).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitbake import ROOT
+from emulation import Arch, arch
 from nspawn import run_in
 
 LOG = logging.getLogger(__name__)
@@ -72,22 +75,52 @@ class Root:
     # Every boot on the unified cgroup hierarchy (systemd 258 dropped cgroup v1); else only
     # the boots that need it (BootSpec.bpf), the others on the host's hybrid layout.
     unified: bool = False
+    arch: Arch = arch("x86_64")
+    # SoftHSM2 and python-pkcs11 in the root, for the scenarios of HSM mode.
+    hsm: bool = False
+    # Only these scenarios (an emulated root, where each boot takes minutes); None: all.
+    only: tuple[int, ...] | None = None
 
     @property
     def python(self) -> str:
         return f"{VENV}/bin/python" if self.venv else "/usr/bin/python3"
 
+    @property
+    def slowdown(self) -> float:
+        """How much longer than natively the scenarios may take on this root."""
+        return 1.0 if self.arch.native else EMULATED_SLOWDOWN
 
-ROOTS = {
-    "bookworm": Root("bookworm", (*BASE_PACKAGES, "python3-venv"), venv=True),
-    # python3-cffi-backend by name: debootstrap does not resolve the virtual packages
-    # python3-cryptography depends on (python3-cffi-backend-api-min/-max).
-    "forky": Root("forky", (*BASE_PACKAGES, "python3-requests", "python3-cryptography",
-                            "python3-cffi-backend", "python3-installer"), venv=False,
-                  script="/usr/share/debootstrap/scripts/sid", unified=True),
-}
+    @property
+    def name(self) -> str:
+        """The root's name in cgroups, machines and the work directory."""
+        return self.suite if self.arch.name == "x86_64" else f"{self.suite}-{self.arch.name}"
+
+
+# python3-cffi-backend by name: debootstrap does not resolve the virtual packages
+# python3-cryptography depends on (python3-cffi-backend-api-min/-max).
+FORKY_PACKAGES = (*BASE_PACKAGES, "python3-requests", "python3-cryptography",
+                  "python3-cffi-backend", "python3-installer")
+SID = "/usr/share/debootstrap/scripts/sid"
+# The scenarios of an emulated root: first boot with the check-in, second boot and exit 3,
+# the late server, and first boot in HSM mode (scenarios.py).
+EMULATED_SCENARIOS = (1, 2, 3, 9, 13)
+# A boot under user-mode emulation takes several times as long (every program of the guest
+# is translated, systemd and Python included).
+EMULATED_SLOWDOWN = 4.0
+ROOTS = [
+    Root("bookworm", (*BASE_PACKAGES, "python3-venv"), venv=True),
+    Root("forky", FORKY_PACKAGES, venv=False, script=SID, unified=True),
+    # Most boards an LmP factory ships are aarch64: forky for arm64 under user-mode
+    # emulation, with SoftHSM2 and the python-pkcs11 0.7.0 make test-target compiles there.
+    Root("forky", (*FORKY_PACKAGES, "softhsm2"), venv=False, script=SID, unified=True,
+         arch=arch("arm64"), hsm=True, only=EMULATED_SCENARIOS),
+]
 # Shown for each root: the versions the agent runs with.
 DISTRIBUTIONS = ("requests", "cryptography", "systemd-python")
+HSM_DISTRIBUTIONS = ("python-pkcs11",)
+# The kit's own for a check-in with the key on a token (lmp_autoreg.testing.p11tls): pure
+# Python, PyPI's wheels, as the kit's test extra has it (the agent needs none of it).
+KIT_HSM = ("tlslite-ng>=0.8",)
 
 
 def cache_dir() -> Path:
@@ -116,19 +149,24 @@ def apt_mirror(etc: Path = Path("/etc/apt")) -> str:
 def base_tarball(root: Root) -> Path:
     """The cached debootstrap tarball of ``root``, made first when missing."""
     recipe = f"{root.suite} {VARIANT} {root.script} {','.join(root.packages)}"
+    # The machine's own architecture keeps the key it had before there were others.
+    if not root.arch.native:
+        recipe += f" arch={root.arch.debian}"
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    tarball = cache_dir() / f"{root.suite}-{VARIANT}-{key}.tar"
+    tarball = cache_dir() / f"{root.name}-{VARIANT}-{key}.tar"
     if tarball.is_file():
-        LOG.info("%s: base rootfs from the cache: %s", root.suite, tarball)
+        LOG.info("%s: base rootfs from the cache: %s", root.name, tarball)
         return tarball
     tarball.parent.mkdir(parents=True, exist_ok=True)
     mirror = apt_mirror()
-    LOG.info("%s: debootstrap from %s (cached afterwards)", root.suite, mirror)
+    LOG.info("%s: debootstrap from %s (cached afterwards)", root.name, mirror)
     work = tarball.with_suffix(".d")
     shutil.rmtree(work, ignore_errors=True)
-    subprocess.run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(root.packages)}",
-                    root.suite, str(work), mirror, *([root.script] if root.script else [])],
-                   check=True, stdout=subprocess.DEVNULL, timeout=1200)
+    subprocess.run(["debootstrap", f"--arch={root.arch.debian}", f"--variant={VARIANT}",
+                    f"--include={','.join(root.packages)}", root.suite, str(work), mirror,
+                    *([root.script] if root.script else [])],
+                   check=True, stdout=subprocess.DEVNULL,
+                   timeout=1200 if root.arch.native else 3600)
     partial = tarball.with_suffix(".partial")
     subprocess.run(["tar", "-C", str(work), "--numeric-owner", "-cf", str(partial), "."],
                    check=True)
@@ -186,11 +224,34 @@ def install_system(tree: Path, work: Path, cgroup_name: str) -> None:
            ["python3", "-m", "installer", "--prefix", "/usr", f"/wheels/{wheel.name}"])
 
 
+def install_hsm(tree: Path, root: Root, work: Path, cgroup_name: str) -> None:
+    """python-pkcs11 and its dependencies into the system Python, as install_system installs
+    the agent: the wheels make test-target compiled for this architecture (target/run.py
+    wheel, which builds them first when they are not cached); and KIT_HSM, PyPI's wheels."""
+    found = subprocess.run([sys.executable, str(ROOT / "target/run.py"), "--arch",
+                            root.arch.name, "wheel"], check=True, stdout=subprocess.PIPE,
+                           text=True, timeout=3 * 3600).stdout.strip()
+    wheels = Path(found)
+    guest = guest_python(tree)
+    tag = "cp" + guest.replace(".", "")
+    if not list(wheels.glob(f"python_pkcs11-*-{tag}-*.whl")):
+        raise SystemExit(f"no python-pkcs11 wheel for {tag} in {wheels}")
+    kit = work / "kit-wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+                    "--only-binary=:all:", "--python-version", guest, "--implementation", "py",
+                    "--platform", "any", "--dest", str(kit), *KIT_HSM], check=True, timeout=600)
+    run_in(tree, cgroup_name, [f"--bind-ro={wheels}:/wheels", f"--bind-ro={kit}:/kit-wheels",
+                               "--setenv=DEB_PYTHON_INSTALL_LAYOUT=deb"],
+           ["/bin/sh", "-ec", 'for w in /wheels/*.whl /kit-wheels/*.whl; do '
+                              'python3 -m installer --prefix /usr "$w"; done'])
+
+
 def versions(tree: Path, root: Root, cgroup_name: str) -> str:
     """The agent's Python and the versions of its dependencies in the prepared tree."""
+    names = DISTRIBUTIONS + (HSM_DISTRIBUTIONS if root.hsm else ())
     code = ("import importlib.metadata as m, platform; "
-            f"print('Python ' + platform.python_version(), *(d + ' ' + m.version(d) "
-            f"for d in {DISTRIBUTIONS!r}), sep=', ')")
+            "print('Python ' + platform.python_version() + ' on ' + platform.machine(), "
+            f"*(d + ' ' + m.version(d) for d in {names!r}), sep=', ')")
     return run_in(tree, cgroup_name, [], [root.python, "-c", code]).strip()
 
 
@@ -201,6 +262,8 @@ def prepare(root: Root, tree: Path, work: Path, cgroup_name: str) -> str:
     with tarfile.open(base_tarball(root)) as tar:
         tar.extractall(tree, filter="fully_trusted")
     (install_venv if root.venv else install_system)(tree, work, cgroup_name)
+    if root.hsm:
+        install_hsm(tree, root, work, cgroup_name)
     # A script, not a link: a venv's python finds its pyvenv.cfg only through its own path.
     kit_python = tree / KIT_PYTHON.lstrip("/")
     kit_python.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,13 @@ boots an overlay of that tree with systemd-nspawn (nspawn.py); the guest's colle
 `systemctl show`, the journal as JSON and files into a directory bound from the host, which
 checks them (scenarios.py, evidence.py).
 
-Usage: ``python boot/run.py [--jobs N] [--roots bookworm,forky] [--only 1,3] [--keep]``.
-Needs root, mount and PID namespaces, overlayfs, debootstrap and systemd-nspawn.
+Each root is for an architecture: bookworm and forky for x86_64, forky for arm64 too, run
+under user-mode emulation on another machine (emulation.py; there only the scenarios
+rootfs.EMULATED_SCENARIOS, with more time for each boot).
+
+Usage: ``python boot/run.py [--jobs N] [--roots bookworm,forky] [--arch x86_64,arm64]
+[--only 1,3] [--keep]``. Needs root, mount and PID namespaces, overlayfs, debootstrap and
+systemd-nspawn; for another architecture, Debian's qemu-user-static and binfmt_misc.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bitbake import ROOT, Recipe  # noqa: E402
+from emulation import ARCHES, arch, unavailable  # noqa: E402
 from evidence import Boot  # noqa: E402
 from nspawn import boot  # noqa: E402
 from rootfs import ROOTS, Root, prepare  # noqa: E402
@@ -61,14 +67,15 @@ def run_scenario(root: Root, scenario: Scenario, tree: Path, work: Path,
         for i, spec in enumerate(scenario.boots):
             if spec.before:
                 spec.before(merged)
-            (results / "scenario.json").write_text(json.dumps(spec.collect))
+            collect = spec.scaled(root.slowdown)
+            (results / "scenario.json").write_text(json.dumps(collect))
             seen = set((results / "out").iterdir())
             options = [f"--bind={results}:/boot-test",
                        f"--machine=boot-test-{tag}-{scenario.number}"]
             if spec.bpf:
                 options.append("--system-call-filter=bpf")
             outcome = boot(merged, f"lmp-autoreg-boot-{tag}-{scenario.number}", options,
-                           spec.timeout, here / f"console-{i + 1}.log",
+                           spec.timeout(root.slowdown), here / f"console-{i + 1}.log",
                            unified=spec.bpf or root.unified)
             new = sorted(set((results / "out").iterdir()) - seen)
             boots.append(Boot.read(outcome.returncode, outcome.seconds, new[-1] if new else None))
@@ -82,29 +89,42 @@ def run_scenario(root: Root, scenario: Scenario, tree: Path, work: Path,
 
 
 def report(root: Root, scenario: Scenario, verdict: Verdict, seconds: float) -> None:
-    word = "FAIL" if verdict.failures else "PASS"
+    word = "FAIL" if verdict.failures else "SKIP" if verdict.skipped else "PASS"
     with _print_lock:
-        print(f"{root.suite:8} scenario {scenario.number:2d} {scenario.title}: {word} "
-              f"({seconds:.1f} s)", flush=True)
+        print(f"{root.suite:8} {root.arch.name:7} scenario {scenario.number:2d} "
+              f"{scenario.title}: {word} ({seconds:.1f} s)", flush=True)
         for line in verdict.failures:
             print("    - " + line.replace("\n", "\n      "), flush=True)
         for line in verdict.notes:
             print("    " + line, flush=True)
+        if verdict.skipped:
+            print("    skipped: " + verdict.skipped, flush=True)
 
 
 def prepare_root(root: Root, work: Path, tag: str) -> Path:
     start = time.monotonic()
     tree = work / "prepared"
     found = prepare(root, tree, work, f"lmp-autoreg-boot-{tag}-prepare")
-    LOG.info("%s: guest prepared in %.1f s: %s", root.suite, time.monotonic() - start, found)
+    LOG.info("%s: guest prepared in %.1f s: %s", root.name, time.monotonic() - start, found)
     return tree
+
+
+def not_run(root: Root, why: str) -> Verdict:
+    """The verdict of a scenario whose root's architecture cannot run here: a failure in
+    CI (which installs qemu-user-static on a kernel with binfmt_misc), else a skip."""
+    reason = f"{root.arch.name} cannot run here: {why}"
+    return Verdict(failures=[reason]) if os.environ.get("CI") else Verdict(skipped=reason)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--roots", default=",".join(ROOTS),
-                        help=f"roots to boot, comma separated (default {','.join(ROOTS)})")
+    suites = ",".join(dict.fromkeys(r.suite for r in ROOTS))
+    parser.add_argument("--roots", default=suites,
+                        help=f"Debian releases to boot, comma separated (default {suites})")
+    parser.add_argument("--arch", default=",".join(ARCHES),
+                        help=f"architectures, comma separated (default {','.join(ARCHES)}; "
+                             "another than this machine's runs under user-mode emulation)")
     parser.add_argument("--only", help="scenario numbers, comma separated")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -112,11 +132,16 @@ def main() -> int:
     if os.geteuid() != 0:
         print("boot-test needs root (debootstrap, overlayfs, systemd-nspawn)", file=sys.stderr)
         return 2
-    roots = [ROOTS[name] for name in args.roots.split(",")]
+    arches = {arch(name).name for name in args.arch.split(",")}
+    roots = [r for r in ROOTS if r.suite in args.roots.split(",") and r.arch.name in arches]
     chosen = SCENARIOS
     if args.only:
         numbers = {int(n) for n in args.only.split(",")}
         chosen = [s for s in SCENARIOS if s.number in numbers]
+    # Each root's scenarios; a root whose architecture cannot run here is not prepared.
+    runs = {r.name: [s for s in chosen if (r.only is None or s.number in r.only)
+                     and (r.hsm or not s.hsm)] for r in roots}
+    missing = {r.name: why for r in roots if (why := unavailable(r.arch))}
     start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="lmp-autoreg-boot.", dir="/var/tmp"))
     # Names the run's cgroups and machines, which allow only [A-Za-z0-9-].
@@ -125,13 +150,20 @@ def main() -> int:
     try:
         # The roots are prepared side by side (a cold cache waits on the network), then
         # every root's scenarios share one pool.
-        with ThreadPoolExecutor(max_workers=len(roots)) as pool:
-            trees = list(pool.map(lambda r: prepare_root(r, work / r.suite, f"{tag}-{r.suite}"),
-                                  roots))
+        for root in roots:
+            if root.name in missing:
+                for scenario in runs[root.name]:
+                    verdict = not_run(root, missing[root.name])
+                    report(root, scenario, verdict, 0.0)
+                    results.append(verdict)
+        ready = [r for r in roots if r.name not in missing and runs[r.name]]
+        with ThreadPoolExecutor(max_workers=max(1, len(ready))) as pool:
+            trees = list(pool.map(lambda r: prepare_root(r, work / r.name, f"{tag}-{r.name}"),
+                                  ready))
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [(root, s, pool.submit(run_scenario, root, s, tree, work / root.suite,
-                                             f"{tag}-{root.suite}"))
-                       for root, tree in zip(roots, trees, strict=True) for s in chosen]
+            futures = [(root, s, pool.submit(run_scenario, root, s, tree, work / root.name,
+                                             f"{tag}-{root.name}"))
+                       for root, tree in zip(ready, trees, strict=True) for s in runs[root.name]]
             for root, scenario, future in futures:
                 verdict, seconds = future.result()
                 report(root, scenario, verdict, seconds)
@@ -142,8 +174,10 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     failed = sum(1 for v in results if v.failures)
-    print(f"boot-test: {len(results) - failed} of {len(results)} scenarios passed "
-          f"in {time.monotonic() - start:.0f} s", flush=True)
+    skipped = sum(1 for v in results if v.skipped and not v.failures)
+    print(f"boot-test: {len(results) - failed - skipped} of {len(results)} scenarios passed"
+          f"{f', {skipped} skipped' if skipped else ''} in {time.monotonic() - start:.0f} s",
+          flush=True)
     return 1 if failed else 0
 
 

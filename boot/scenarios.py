@@ -25,6 +25,10 @@ SECURITY_MAX = 2.5
 # Devices the unit's DevicePolicy=closed must refuse, and one it must allow.
 DENIED = "/dev/net/tun"
 ALLOWED = "/dev/null"
+# The guest's SoftHSM2 (Debian's softhsm2) and the throwaway PINs of its token.
+HSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+HSM_PIN = "boot-test-pin"
+HSM_SO_PIN = "boot-test-so-pin"
 
 
 @dataclass
@@ -33,15 +37,21 @@ class BootSpec:
     before: Callable[[Path], None] | None = None  # changes the tree before this boot
     bpf: bool = False  # --system-call-filter=bpf, the guest on cgroup v2 (DevicePolicy=)
 
-    @property
-    def timeout(self) -> float:
-        return float(self.collect.get("deadline", 90)) + 60
+    def scaled(self, slowdown: float) -> dict[str, Any]:
+        """The collector's scenario.json on a root ``slowdown`` times slower than native."""
+        if "deadline" not in self.collect:
+            return self.collect
+        return {**self.collect, "deadline": self.collect["deadline"] * slowdown}
+
+    def timeout(self, slowdown: float = 1.0) -> float:
+        return (float(self.collect.get("deadline", 90)) + 60) * slowdown
 
 
 @dataclass
 class Verdict:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the scenario did not run
 
     def expect(self, ok: bool, failure: str) -> bool:
         if not ok:
@@ -57,6 +67,7 @@ class Scenario:
     check: Callable[[list[Boot], Verdict], None]
     variables: dict[str, str] = field(default_factory=dict)
     setup: Callable[[Path], None] | None = None
+    hsm: bool = False  # on the roots with SoftHSM2 and python-pkcs11 only (rootfs.Root.hsm)
 
 
 def settle(*units: str, deadline: int = 90, **more: Any) -> dict[str, Any]:
@@ -308,6 +319,12 @@ def check_fioconfig(boots: list[Boot], v: Verdict) -> None:
     if not collected(boot, v):
         return
     expect_unit(v, boot, "active", "exited", 0)
+    config_arrived(boot, v)
+
+
+def config_arrived(boot: Boot, v: Verdict) -> None:
+    """The unit's fioconfig check-in ran, and the gateway's configuration is in the
+    secrets dir, decrypted."""
     record = boot.file("/run/boot-test/fioconfig-check-in.json")
     if not v.expect(record.exists(), "fioconfig check-in did not run"):
         return
@@ -409,6 +426,36 @@ def check_no_tmpfiles(boots: list[Boot], v: Verdict) -> None:
              f"no message of systemd says /var/sota is missing: {said}")
 
 
+def hsm_mode(tree: Path) -> None:
+    """HSM mode on SoftHSM2: the device's /etc/sota/hsm, and its token initialised early in
+    the boot, as a factory's first boot or provisioning step would; a configuration from
+    the gateway for the check-in, which fioconfig decrypts with the key on the token."""
+    (tree / "etc/sota").mkdir(parents=True, exist_ok=True)
+    (tree / "etc/sota/hsm").write_text(f"HSM_MODULE={HSM_MODULE}\nHSM_PIN={HSM_PIN}\n"
+                                       f"HSM_SOPIN={HSM_SO_PIN}\n")
+    unit = tree / "etc/systemd/system/boot-test-token.service"
+    unit.write_text("[Unit]\nBefore=lmp-device-auto-register.service\n"
+                    "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+                    "ExecStart=softhsm2-util --init-token --free --label aktualizr "
+                    f"--pin {HSM_PIN} --so-pin {HSM_SO_PIN}\n"
+                    "[Install]\nWantedBy=multi-user.target\n")
+    (tree / "etc/systemd/system/multi-user.target.wants/boot-test-token.service"
+     ).symlink_to("/etc/systemd/system/boot-test-token.service")
+    config_dir(tree)
+
+
+def check_hsm(boots: list[Boot], v: Verdict) -> None:
+    (boot,) = boots
+    if not collected(boot, v):
+        return
+    expect_unit(v, boot, "active", "exited", 0)
+    names = boot.var_sota() or []
+    missing = [n for n in ("sota.toml", "client.pem", "root.crt") if n not in names]
+    v.expect(not missing, f"/var/sota lacks {', '.join(missing)} (has {names})")
+    v.expect("pkey.pem" not in names, "a pkey.pem in /var/sota: the key is not on the token")
+    config_arrived(boot, v)
+
+
 SCENARIOS = [
     Scenario(1, "first boot", [BootSpec(settle())], check_first_boot),
     Scenario(2, "second boot", [
@@ -438,4 +485,6 @@ SCENARIOS = [
              check_no_tmpfiles, setup=no_tmpfiles),
     Scenario(12, "no device gateway answers", [BootSpec(settle(
         active=["aktualizr-lite.service"]))], check_no_gateway, setup=no_gateway),
+    Scenario(13, "first boot in HSM mode (SoftHSM2)", [BootSpec(settle())], check_hsm,
+             setup=hsm_mode, hsm=True),
 ]

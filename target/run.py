@@ -10,7 +10,9 @@ needs (PACKAGES, as .ci/run installs them on the host).
 
 Two cached tarballs under ``~/.cache/lmp-autoreg-target``: the debootstrap base, keyed on
 suite, script, variant and packages; and that base with the venv, keyed on the base's key,
-the pins and the extras' requirements. A change of either rebuilds what depends on it.
+the pins and the extras' requirements. A change of either rebuilds what depends on it. An
+emulated architecture's are named for it (``forky-arm64-...``) and keyed on it too, with a
+third entry beside them: python-pkcs11's wheel, compiled once (``wheel_dir``).
 
 Each run unpacks the root afresh and runs one command in it as root, in a mount namespace
 of its own (``unshare -m``) whose root it is (``pivot_root``; the suite's own ``unshare -m``
@@ -22,8 +24,11 @@ environment is a clean one, plus ``CI``.
 
 Usage: ``python3 target/run.py test [PYTEST ARGS...]`` (``python -m pytest -n 2`` as
 ``make test``) or ``python3 target/run.py bench [BENCH ARGS...]`` (``bench/run.py``, results
-in ``bench/results/forky`` unless ``--out`` says otherwise). Needs root, mount namespaces,
-``unshare``, ``pivot_root`` and ``debootstrap``.
+in ``bench/results/forky`` unless ``--out`` says otherwise); ``--arch arm64`` before either
+does it in an arm64 root under user-mode emulation (``bench/results/forky-arm64``), where
+``test`` runs SUBSET unless ``--long`` is given too. Needs root, mount namespaces,
+``unshare``, ``pivot_root`` and ``debootstrap``; for arm64 on another machine, Debian's
+qemu-user-static and binfmt_misc (registered here, boot/emulation.py).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "boot"))
 
+from emulation import Arch, arch, native, unavailable  # noqa: E402
 from rootfs import apt_mirror  # noqa: E402
 
 LOG = logging.getLogger("target")
@@ -73,6 +79,21 @@ ROOT_CA = "/etc/ssl/lmp-autoreg-host-ca.pem"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BUILD_TIMEOUT = 1800.0
 RUN_TIMEOUT = 1800.0
+# Under user-mode emulation everything takes about ten times as long.
+EMULATED_TIMEOUT = 3 * 3600.0
+# python-pkcs11's wheel for an emulated root, built once and cached beside the root (and
+# taken from there by the boot test): its 2.9 MB of generated C take about 28 minutes to
+# compile under emulation with Python's own -O2, a few with -O0. The code is the same;
+# only the compiler's optimisation is left out, which costs the agent nothing it measures
+# (docs/testing.md).
+PKCS11 = next(pin for pin in PINS if pin.startswith("python-pkcs11=="))
+EMULATED_CFLAGS = "-O0 -g0"
+# What ``make test-target`` runs on an emulated architecture, where the whole suite takes
+# hours (``make test-target-long`` runs it): every module imported, and every test of HSM
+# mode (the stand-in fioconfig's check-in with the key on the token included), of the
+# identity, of the install and of the command line (README).
+SUBSET = ("tests/test_structure.py", "tests/test_hsm.py", "tests/test_p11.py",
+          "tests/test_identity.py", "tests/test_install.py", "tests/test_cli.py")
 
 # Runs as ``unshare -m sh -c MOUNT_AND_PIVOT sh ROOT BIND... -- ARGV...``. The root becomes
 # the namespace's own root (``pivot_root``), not a ``chroot`` within the host's: a process
@@ -128,12 +149,22 @@ def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     return [*PINS, *sorted({req for req in wanted if _name(req) not in pinned})]
 
 
-def base_key() -> str:
-    return _key(SUITE, SCRIPT, VARIANT, *PACKAGES)
+def base_key(target: Arch) -> str:
+    # The machine's own architecture keeps the key it had before there were others.
+    return _key(SUITE, SCRIPT, VARIANT, *PACKAGES,
+                *(() if target.native else (f"arch={target.debian}",)))
 
 
-def root_key() -> str:
-    return _key(base_key(), VENV, *requirements())
+def root_key(target: Arch) -> str:
+    return _key(base_key(target), VENV, *requirements())
+
+
+def wheel_key(target: Arch) -> str:
+    return _key(base_key(target), PKCS11, EMULATED_CFLAGS)
+
+
+def _stem(target: Arch) -> str:
+    return SUITE if target.native else f"{SUITE}-{target.debian}"
 
 
 def run_in_root(tree: Path, argv: Sequence[str], env: dict[str, str],
@@ -177,47 +208,87 @@ def _remove(tree: Path) -> None:
     shutil.rmtree(tree)
 
 
-def base_tarball() -> Path:
-    """The cached debootstrap of SUITE, made first when missing."""
-    tarball = cache_dir() / f"{SUITE}-{VARIANT}-{base_key()}.tar"
+def _timeout(target: Arch) -> float:
+    return BUILD_TIMEOUT if target.native else EMULATED_TIMEOUT
+
+
+def base_tarball(target: Arch) -> Path:
+    """The cached debootstrap of SUITE for ``target``, made first when missing."""
+    tarball = cache_dir() / f"{_stem(target)}-{VARIANT}-{base_key(target)}.tar"
     if tarball.is_file():
         return tarball
     tarball.parent.mkdir(parents=True, exist_ok=True)
     mirror = apt_mirror()
-    LOG.info("debootstrap %s from %s (cached afterwards in %s)", SUITE, mirror, tarball)
+    LOG.info("debootstrap %s for %s from %s (cached afterwards in %s)", SUITE, target.debian,
+             mirror, tarball)
     work = tarball.with_suffix(".d")
     shutil.rmtree(work, ignore_errors=True)
-    subprocess.run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(PACKAGES)}",
-                    SUITE, str(work), mirror, SCRIPT], check=True, stdout=subprocess.DEVNULL,
-                   timeout=BUILD_TIMEOUT)
+    subprocess.run(["debootstrap", f"--arch={target.debian}", f"--variant={VARIANT}",
+                    f"--include={','.join(PACKAGES)}", SUITE, str(work), mirror, SCRIPT],
+                   check=True, stdout=subprocess.DEVNULL, timeout=_timeout(target))
     _pack(work, tarball)
     shutil.rmtree(work)
     return tarball
 
 
-def root_tarball() -> Path:
-    """The cached base with the venv, made first when missing."""
-    tarball = cache_dir() / f"{SUITE}-venv-{root_key()}.tar"
-    if tarball.is_file():
-        LOG.info("the %s root from the cache: %s", SUITE, tarball)
-        return tarball
-    base = base_tarball()
+def _build_tree(target: Arch, tarball: Path) -> Path:
+    """The base unpacked beside ``tarball``, ready for pip (the host's CA and resolver)."""
     work = tarball.with_suffix(".d")
     shutil.rmtree(work, ignore_errors=True)
-    _unpack(base, work)
+    _unpack(base_tarball(target), work)
     shutil.copyfile(HOST_CA, work / ROOT_CA.lstrip("/"))
     (work / "etc/resolv.conf").unlink(missing_ok=True)
     shutil.copyfile("/etc/resolv.conf", work / "etc/resolv.conf")
-    LOG.info("the venv in the %s root: %s", SUITE, " ".join(requirements()))
-    env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "PIP_CERT": ROOT_CA,
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
+    return work
+
+
+def _pip_env(**more: str) -> dict[str, str]:
+    return {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "PIP_CERT": ROOT_CA,
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1", **more}
+
+
+def wheel_dir(target: Arch) -> Path:
+    """The cached directory with python-pkcs11's wheel for an emulated ``target``, built
+    first (in a copy of the base, with EMULATED_CFLAGS) when missing."""
+    wheels = cache_dir() / f"{_stem(target)}-wheels-{wheel_key(target)}"
+    if wheels.is_dir():
+        return wheels
+    work = _build_tree(target, wheels)
+    partial = wheels.with_suffix(".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    LOG.info("%s for %s, compiled with CFLAGS=%s (cached afterwards in %s)", PKCS11,
+             target.debian, EMULATED_CFLAGS, wheels)
+    start = time.monotonic()
+    rc = run_in_root(work, ["/bin/sh", "-ec", 'python3 -m venv /opt/build; '
+                       '/opt/build/bin/pip wheel -q -w "$1" "$2"', "sh",
+                            str(partial), PKCS11],
+                     _pip_env(CFLAGS=EMULATED_CFLAGS), [partial], timeout=_timeout(target))
+    _remove(work)
+    if rc != 0:
+        raise SystemExit(f"building {PKCS11}'s wheel failed (exit {rc})")
+    LOG.info("%s's wheel built in %.0f s", PKCS11, time.monotonic() - start)
+    partial.rename(wheels)
+    return wheels
+
+
+def root_tarball(target: Arch) -> Path:
+    """The cached base with the venv, made first when missing."""
+    tarball = cache_dir() / f"{_stem(target)}-venv-{root_key(target)}.tar"
+    if tarball.is_file():
+        LOG.info("the %s root from the cache: %s", _stem(target), tarball)
+        return tarball
+    wheels = [] if target.native else [wheel_dir(target)]
+    work = _build_tree(target, tarball)
+    LOG.info("the venv in the %s root: %s", _stem(target), " ".join(requirements()))
+    find_links = "".join(f" --find-links {w}" for w in wheels)
     rc = run_in_root(work, ["/bin/sh", "-ec", f'python3 -m venv {VENV}; '
-                       f'{VENV}/bin/pip install -q "$@"', "sh", *requirements()],
-                env, timeout=BUILD_TIMEOUT)
+                       f'{VENV}/bin/pip install -q{find_links} "$@"', "sh", *requirements()],
+                     _pip_env(), wheels, timeout=_timeout(target))
     if rc != 0:
         raise SystemExit(f"building the venv in {work} failed (exit {rc})")
     _pack(work, tarball)
-    shutil.rmtree(work)
+    _remove(work)
     return tarball
 
 
@@ -233,40 +304,59 @@ def binds() -> list[Path]:
     return paths
 
 
-def command(what: str, args: Sequence[str]) -> list[str]:
-    """The shell command run in the checkout: install it, then the suite or the bench."""
+def command(what: str, args: Sequence[str], target: Arch) -> list[str]:
+    """The shell command run in the checkout: install it, then the suite (``test``), a
+    part of it (``test-part``: SUBSET) or the bench."""
     python = f"{VENV}/bin/python"
     install = (f"cd {ROOT} && {python} -m pip install -q --no-deps --no-build-isolation "
                "--no-index -e .")
-    if what == "test":
-        run = [python, "-m", "pytest", "-n", "2", *args]
+    if what.startswith("test"):
+        part = SUBSET if what == "test-part" else ()
+        run = [python, "-m", "pytest", "-n", "2", *part, *args]
     else:
-        run = [python, "bench/run.py", "--out", "bench/results/forky", *args]
+        run = [python, "bench/run.py", "--out", f"bench/results/{_stem(target)}", *args]
     return ["/bin/sh", "-ec", f'{install}; exec "$@"', "sh", *run]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("test", "bench"))
+    parser.add_argument("--arch", type=arch, default=native(),
+                        help="the root's architecture: x86_64 or arm64 (default: this "
+                             "machine's; another one runs under user-mode emulation)")
+    parser.add_argument("--long", action="store_true",
+                        help="on an emulated architecture, the whole suite (else SUBSET)")
+    parser.add_argument("what", choices=("test", "bench", "wheel"))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="pytest's or bench/run.py's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="target: %(message)s")
     if os.geteuid() != 0:
         raise SystemExit("needs root (debootstrap, mount namespaces, pivot_root)")
+    why = unavailable(args.arch)
+    if why:
+        raise SystemExit(f"cannot run {args.arch.name} programs here: {why}")
     start = time.monotonic()
-    tarball = root_tarball()
+    if args.what == "wheel":
+        # For the boot test: the directory with python-pkcs11's wheel, on stdout.
+        print(wheel_dir(args.arch) if not args.arch.native else "", flush=True)
+        return 0
+    what = args.what
+    if what == "test" and not args.arch.native and not args.long:
+        what = "test-part"
+    tarball = root_tarball(args.arch)
     tree = Path(tempfile.mkdtemp(prefix="lmp-autoreg-target-", dir="/var/tmp")) / "root"
     try:
         _unpack(tarball, tree)
         LOG.info("root ready after %.0f s; %s in it", time.monotonic() - start, args.what)
         env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8",
                **{k: os.environ[k] for k in ("CI",) if k in os.environ}}
-        rc = run_in_root(tree, command(args.what, args.args), env, binds())
+        rc = run_in_root(tree, command(what, args.args, args.arch), env, binds(),
+                         timeout=RUN_TIMEOUT if args.arch.native else EMULATED_TIMEOUT)
     finally:
         if tree.exists():
             _remove(tree)
         tree.parent.rmdir()
-    LOG.info("%s on %s: exit %d after %.0f s", args.what, SUITE, rc, time.monotonic() - start)
+    LOG.info("%s on %s (%s): exit %d after %.0f s", what, SUITE, args.arch.name, rc,
+             time.monotonic() - start)
     return rc
 
 

@@ -7,6 +7,7 @@ holds every import there is: at module level, inside functions, and under
 """
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
             if cycle:
                 return cycle
     return None
+
+
+@pytest.mark.parametrize("name", [n for n in modules() if not n.endswith("__main__")])
+def test_every_module_imports_on_this_interpreter(name):
+    """Each module imports here, the kit's and HSM mode's with their extras: on the target's
+    Python and on an emulated architecture (make test-target) as on the host. The
+    ``__main__`` modules run their program when imported; the CLI tests run them."""
+    assert importlib.import_module(name).__name__ == name
 
 
 def test_the_package_imports_without_circles():
