@@ -100,7 +100,10 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str,
     """Call ``attempt(budget)`` until it returns; retry ``NoAnswer`` until ``deadline``.
 
     ``budget`` is the most time (seconds) the attempt may take; it is never past the
-    deadline. ``sleep`` waits between attempts (on the deadline's clock). ``what`` names
+    deadline, but for the first attempt, which gets at least ``MIN_ATTEMPT``: a deadline
+    that ran out before the first request (a short ``--timeout`` on a slow or emulated
+    board, where key generation and imports came first) ends after one real try, not
+    after one that could not finish a handshake. ``sleep`` waits between attempts (on the deadline's clock). ``what`` names
     the attempt in the status lines of the second attempt on (the caller announces the
     first). Past the deadline, the last ``NoAnswer`` is raised again (same class), saying
     how many attempts were made, and, when the deadline cut that attempt short, why the
@@ -115,7 +118,10 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str,
         if number > 1:  # the caller announced the first
             status(f"{what}: attempt {number}")
         try:
-            return attempt(min(max(deadline.remaining(), 0.01), ATTEMPT_CAP))
+            budget = deadline.remaining()
+            if number == 1:  # one real try, even where start-up used the deadline up
+                budget = max(budget, MIN_ATTEMPT)
+            return attempt(min(budget, ATTEMPT_CAP))
         except NoAnswer as error:
             unreachable = isinstance(error, Unreachable)
             failures = failures + 1 if unreachable == last_unreachable else 1

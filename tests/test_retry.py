@@ -199,3 +199,19 @@ def test_a_last_attempt_cut_short_by_the_deadline_keeps_the_reason_before_it():
     assert message.startswith("no answer within")
     assert "the attempt before failed: HTTP 503: Service Unavailable" in message
     assert "gave up after 2 attempts" in message
+
+
+def test_a_deadline_spent_before_the_first_request_still_gets_one_real_try(
+        device_root, registration_server, tmp_path):
+    """`--timeout 1` used up before anything is sent (the agent held at before-request
+    past it, as a slow board's start-up would): the first attempt still gets a second
+    (retry.MIN_ATTEMPT), here enough for an answer that takes 0.3 s, and registers."""
+    from pausing import Paused
+
+    registration_server.default = Reply(delay=0.3)
+    args = device_args(device_root, registration_server, "--timeout", "1")
+    with Paused("before-request", tmp_path / "marker", args) as agent:
+        time.sleep(1.5)  # past the deadline, whatever the start-up took
+        run = agent.resume()
+    assert run.returncode == 0, run.stderr
+    assert len(registration_server.posts) == 1
