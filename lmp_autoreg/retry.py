@@ -103,11 +103,12 @@ def retry(attempt: Callable[[float], T], deadline: Deadline, *, what: str,
     deadline, but for the first attempt, which gets at least ``MIN_ATTEMPT``: a deadline
     that ran out before the first request (a short ``--timeout`` on a slow or emulated
     board, where key generation and imports came first) ends after one real try, not
-    after one that could not finish a handshake. ``sleep`` waits between attempts (on the deadline's clock). ``what`` names
-    the attempt in the status lines of the second attempt on (the caller announces the
-    first). Past the deadline, the last ``NoAnswer`` is raised again (same class), saying
-    how many attempts were made, and, when the deadline cut that attempt short, why the
-    attempt before it failed: "timed out" alone would hide it.
+    after one that could not finish a handshake. ``sleep`` waits between attempts (on the
+    deadline's clock). ``what`` names the attempt in the status lines of the second
+    attempt on (the caller announces the first). Past the deadline, the last
+    ``NoAnswer`` is raised again (same class), saying how many attempts were made, and,
+    when the deadline cut that attempt short, why the attempt before it failed: "timed
+    out" alone would hide it.
     """
     number = 0
     failures = 0
