@@ -3,11 +3,15 @@ qemu-user-static, registered with the kernel's binfmt_misc by whoever needs it (
 test, target/run.py) when the kernel offers it.
 
 The registration is Debian's own (``/usr/lib/binfmt.d/qemu-<cpu>.conf``) with the F flag:
-the kernel opens the interpreter when it is registered, so a root needs no copy of it.
+the kernel opens the interpreter when it is registered, so a root needs no copy of it. It
+also keeps that file open: after an upgrade of qemu-user-static (the same path, a new file)
+the old registration would still run the old binary, so a registration older than the
+installed interpreter, or naming another one, is replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import subprocess
@@ -64,6 +68,25 @@ def with_f_flag(line: str) -> str:
     return ":".join(fields)
 
 
+def interpreter(line: str) -> str:
+    """The interpreter path of a binfmt_misc registration line."""
+    return line.strip().split(":")[6]
+
+
+def current(entry: Path, conf: Path) -> bool:
+    """Whether the kernel's registration ``entry`` is enabled, has the F flag and holds the
+    interpreter that ``conf`` names as installed now (not one replaced since)."""
+    lines = entry.read_text().splitlines()
+    flags = next((x.split(":", 1)[1] for x in lines if x.startswith("flags:")), "")
+    named = next((x.split(" ", 1)[1] for x in lines if x.startswith("interpreter ")), "")
+    wanted = interpreter(conf.read_text())
+    if "enabled" not in lines or "F" not in flags or named != wanted:
+        return False
+    # binfmt_misc stamps an entry when it is registered; dpkg's install changes the
+    # interpreter file's ctime.
+    return Path(wanted).stat().st_ctime <= entry.stat().st_mtime
+
+
 def _mounted() -> bool:
     if (BINFMT / "register").exists():
         return True
@@ -85,12 +108,13 @@ def unavailable(target: Arch) -> str | None:
         return f"the kernel offers no binfmt_misc ({BINFMT} cannot be mounted)"
     entry = BINFMT / f"qemu-{target.qemu}"
     if entry.exists():
-        lines = entry.read_text().splitlines()
-        flags = next((x.split(":", 1)[1] for x in lines if x.startswith("flags:")), "")
-        if "enabled" in lines and "F" in flags:
+        if current(entry, conf):
             return None
-        # Someone else's registration without F (or disabled): replaced by Debian's.
-        entry.write_text("-1\n")
+        # Someone else's registration (without F, disabled, another interpreter) or one
+        # holding an interpreter upgraded since: replaced by Debian's, as installed now.
+        LOG.info("replacing the binfmt_misc registration %s", entry)
+        with contextlib.suppress(FileNotFoundError):  # or removed by another run just now
+            entry.write_text("-1\n")
     try:
         (BINFMT / "register").write_text(with_f_flag(conf.read_text()) + "\n")
     except OSError as e:
