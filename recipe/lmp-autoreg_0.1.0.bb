@@ -20,7 +20,7 @@ CVE_PRODUCT = "lmp-autoreg"
 LMP_AUTOREG_GIT_URI ?= "git://git.example.com/lmp-autoreg.git;protocol=https;branch=main"
 PV = "0.1.0+git"
 SRC_URI = "${LMP_AUTOREG_GIT_URI}"
-SRCREV = "2f40971558afcce72ddc7ffdfff3b5c72b12f168"
+SRCREV = "8410184e8d3b6229617655971c8c9b04c21258a4"
 
 inherit python_setuptools_build_meta systemd
 
