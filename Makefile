@@ -30,8 +30,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lmp-device-auto-register demo
 
+# Four workers on two cores: most tests wait on a server, a subprocess or a deadline more
+# than they compute (docs/testing.md, "Tests that hold under load").
 test: $(STAMP)
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 4 $(PYTEST_ARGS)
 
 # The property-based tests of bad input with the long Hypothesis profile (new random cases,
 # at least 2000 per family; docs/reliability.md, "Bad input"). Not part of `make test`.
