@@ -271,7 +271,7 @@ def resolve(
     fioconfig_bin = check(lambda: _binary(src, "--fioconfig-bin", "FIOCONFIG_BIN"), None)
     problems.raise_any()
     assert device_api is not None  # else raise_any raised
-    if token_place == STDIN:
+    if piped:
         token = token_from_stdin(backend, timeout)
 
     return Settings(
