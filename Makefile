@@ -88,8 +88,8 @@ bench-line: $(STAMP)
 bench-target:
 	$(PYTHON) target/run.py $(TARGET_ARCH) bench $(BENCH_ARGS)
 
-# Boots the agent under a real systemd (systemd-nspawn), once per scenario; needs root
-# (README). Never part of `make test`.
+# Boots the agent under a real systemd (systemd-nspawn; arm64 on an emulated machine,
+# qemu-system-aarch64), once per scenario; needs root (README). Never part of `make test`.
 BOOT_ARGS ?=
 boot-test: $(STAMP)
 	$(PY) boot/run.py $(BOOT_ARGS)

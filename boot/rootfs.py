@@ -7,8 +7,9 @@ the agent needs, gets the agent and PyPI's wheels of its dependencies in a venv 
 forky (systemd 262, Python 3.14), nearer the wrynose images a factory ships, gets it as the
 recipe does: the wheel installed into the system Python (``python -m installer``, as oe-core's
 python_pep517 class does), its dependencies the distribution's packages. forky for arm64
-too, run under user-mode emulation (emulation.py), as forky is, with SoftHSM2 and the
-python-pkcs11 wheel that target/run.py compiles for arm64.
+too, prepared under user-mode emulation (emulation.py) as forky is, with SoftHSM2 and the
+python-pkcs11 wheel that target/run.py compiles for arm64, and booted with its release's
+kernel (kernel_image) on an emulated machine (qemu.py).
 
 The Debian mirror is the one this machine's apt uses (deb822 ``*.sources`` or
 ``sources.list``) for its own release, bookworm; forky comes from the same archive with
@@ -19,6 +20,7 @@ script and packages (and the architecture, when it is not this machine's).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,17 +107,21 @@ SID = "/usr/share/debootstrap/scripts/sid"
 # The scenarios of an emulated root: first boot with the check-in, second boot and exit 3,
 # the late server, and first boot in HSM mode (scenarios.py).
 EMULATED_SCENARIOS = (1, 2, 3, 9, 13)
-# A boot under user-mode emulation takes several times as long (every program of the guest
-# is translated, systemd and Python included).
+# A boot on an emulated machine takes several times as long (every program of the guest is
+# translated, the kernel, systemd and Python included).
 EMULATED_SLOWDOWN = 4.0
 ROOTS = [
     Root("bookworm", (*BASE_PACKAGES, "python3-venv"), venv=True),
     Root("forky", FORKY_PACKAGES, venv=False, script=SID, unified=True),
-    # Most boards an LmP factory ships are aarch64: forky for arm64 under user-mode
-    # emulation, with SoftHSM2 and the python-pkcs11 0.7.0 make test-target compiles there.
+    # Most boards an LmP factory ships are aarch64: forky for arm64 on an emulated machine,
+    # with SoftHSM2 and the python-pkcs11 0.7.0 make test-target compiles there.
     Root("forky", (*FORKY_PACKAGES, "softhsm2"), venv=False, script=SID, unified=True,
          arch=arch("arm64"), hsm=True, only=EMULATED_SCENARIOS),
 ]
+# What apt needs of a base to download from its release (kernel_image).
+APT_MEMBERS = ("./etc/apt", "./var/lib/apt", "./var/lib/dpkg", "./usr/share/keyrings")
+# The kernel in a Debian package: /boot/vmlinuz-<version> or /usr/lib/modules/<version>/vmlinuz.
+KERNEL_NAME = r"^\./(boot/vmlinuz-[^/]+|usr/lib/modules/[^/]+/vmlinuz)$"
 # Shown for each root: the versions the agent runs with.
 DISTRIBUTIONS = ("requests", "cryptography", "systemd-python")
 HSM_DISTRIBUTIONS = ("python-pkcs11",)
@@ -173,6 +180,62 @@ def base_tarball(root: Root) -> Path:
     partial.rename(tarball)
     shutil.rmtree(work)
     return tarball
+
+
+def kernel_image(root: Root) -> Path:
+    """The kernel of ``root``'s release and architecture, for a machine that boots it
+    (qemu.py): Debian's ``linux-image-<arch>``, downloaded with the base's own apt sources
+    and lists by this machine's apt (nothing emulated), cached beside the base."""
+    base = base_tarball(root)
+    image = base.with_name(base.stem + "-vmlinuz")
+    if image.is_file():
+        return image
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        apt_root, debs = Path(tmp) / "root", Path(tmp) / "debs"
+        debs.mkdir()
+        with tarfile.open(base) as tar:
+            tar.extractall(apt_root, filter="fully_trusted",
+                           members=[m for m in tar if m.name.startswith(APT_MEMBERS)])
+        options = [f"-oDir={apt_root}", f"-oAPT::Architecture={root.arch.debian}",
+                   "-oAPT::Sandbox::User=root",
+                   # A mirror's snapshot of a release outlives its Release file's Valid-Until.
+                   "-oAcquire::Check-Valid-Until=false"]
+
+        def apt(*argv: str) -> str:
+            return subprocess.run([argv[0], "-qq", *options, *argv[1:]], check=True, cwd=debs,
+                                  stdout=subprocess.PIPE, text=True, timeout=900).stdout
+
+        apt("apt-get", "update")
+        meta = f"linux-image-{root.arch.debian}"
+        # The meta package depends on the versioned image, which (on forky) has the kernel
+        # in a linux-binary-* package of its own.
+        wanted = [d for d in dependencies(apt("apt-cache", "depends", meta))
+                  if d.startswith("linux-image-")]
+        for name in list(wanted):
+            wanted += [d for d in dependencies(apt("apt-cache", "depends", name))
+                       if d.startswith("linux-binary-")]
+        if not wanted:
+            raise SystemExit(f"{meta} names no kernel package")
+        apt("apt-get", "download", *wanted)
+        for deb in sorted(debs.glob("*.deb")):
+            listing = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True,
+                                     stdout=subprocess.PIPE).stdout
+            with tarfile.open(fileobj=io.BytesIO(listing)) as tar:
+                found = [m for m in tar if m.isfile() and re.search(KERNEL_NAME, m.name)]
+                if found:
+                    source = tar.extractfile(found[0])
+                    assert source is not None
+                    partial = image.with_suffix(".partial")
+                    partial.write_bytes(source.read())
+                    partial.rename(image)
+                    LOG.info("%s: kernel %s from %s", root.name, found[0].name, deb.name)
+                    return image
+    raise SystemExit(f"no kernel image in {', '.join(wanted)}")
+
+
+def dependencies(depends: str) -> list[str]:
+    """The package names of ``apt-cache depends`` output's Depends lines."""
+    return re.findall(r"^\s*\|?Depends:\s*(\S+)", depends, re.MULTILINE)
 
 
 def build_wheels(dest: Path, dependencies: bool) -> None:
