@@ -13,7 +13,7 @@ SERVER = "boot-test-server.service"
 
 @dataclass
 class Boot:
-    returncode: int | None  # nspawn's; None when it was stopped after its timeout
+    returncode: int | None  # nspawn's or qemu's; None when stopped after its timeout
     seconds: float
     out: Path | None  # the collector's directory; None when it collected nothing
     show: dict[str, dict[str, str]] = field(default_factory=dict)

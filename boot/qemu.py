@@ -124,7 +124,8 @@ def boot(tree: Path, target: Arch, kernel: Path, binds: Mapping[Path, str], time
         try:
             while not socket.exists():
                 if daemon.poll() is not None or time.monotonic() - start > SOCKET_WAIT:
-                    raise SystemExit(f"virtiofsd did not start; see {errors.name}")
+                    # An error, not an exit: the scenario fails, the others still run.
+                    raise RuntimeError(f"virtiofsd did not start; see {errors.name}")
                 time.sleep(0.1)
             machine = subprocess.Popen([
                 board.program, *board.machine, "-smp", str(cpus), "-m", str(MEMORY_MB),

@@ -93,7 +93,7 @@ def collected(boot: Boot, v: Verdict, which: str = "the boot") -> bool:
     if boot.returncode is None:
         v.failures.append(f"{which} hung: container stopped after {boot.seconds:.0f} s")
         return False
-    if not v.expect(boot.complete, f"{which} collected nothing (nspawn exit "
+    if not v.expect(boot.complete, f"{which} collected nothing (exit "
                                    f"{boot.returncode}, {boot.seconds:.0f} s)"):
         return False
     if boot.collected.get("timed_out"):

@@ -109,7 +109,7 @@ class Attempt:
             # Again, under the lock: another run may just have ended.
             guard.check_not_registered(self.paths.sota, str(self.paths.sota_device))
             sota = self.paths.sota
-            if (any((sota / name).exists() for name in HALF_SIGNS)
+            if (any(os.path.lexists(sota / name) for name in HALF_SIGNS)
                     and not (sota / "sota.toml").exists() and not (sota / "sql.db").exists()
                     and not journaled):
                 LOG.warning("%s holds a half registration (no sota.toml): setting it aside "
@@ -147,7 +147,8 @@ class Attempt:
             aside.mkdir(mode=0o700, exist_ok=True)
             moved = []
             for name in REGISTRATION_FILES:
-                if (sota / name).exists() and not (aside / name).exists():
+                # A dangling link too: set aside, never written through.
+                if os.path.lexists(sota / name) and not os.path.lexists(aside / name):
                     os.replace(sota / name, aside / name)
                     moved.append(name)
             fsync_dir(aside)

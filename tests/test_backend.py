@@ -535,6 +535,28 @@ def test_half_registration_is_set_aside_and_restored(live_root, device_root,
     assert not (device_root.sota / ".lmp-autoreg" / "aside").exists()
 
 
+@pytest.mark.parametrize("backend", ["native", "lmp-device-register"])
+def test_a_dangling_link_of_a_half_registration_is_set_aside_never_written_through(
+        live_root, device_root, registration_server, fakes, env, tmp_path, backend):
+    """A link whose target is gone is a file of a half registration too: set aside (and put
+    back as the same link), so that nothing, the tool included, writes through it."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    link = device_root.sota / "client.pem"
+    link.symlink_to(outside / "client.pem")
+    args = ldr_args(device_root, registration_server, "--backend", backend, "--no-start",
+                    "--fioconfig", "off")
+    registration_server.enqueue(Reply.error(400, "Invalid factory(other) must be acme"))
+    run = run_cli(*args, env=env)
+    assert run.returncode == 4, run.stderr
+    assert link.is_symlink() and link.readlink() == outside / "client.pem"
+    run = run_cli(*args, env=env)
+    assert run.returncode == 0, run.stderr
+    assert not link.is_symlink() and link.is_file()
+    assert list(outside.iterdir()) == []
+    assert not (device_root.sota / ".lmp-autoreg" / "aside").exists()
+
+
 def test_the_tools_output_may_carry_any_bytes_of_the_server():
     """lmp-device-register prints the server's raw answer ("Raw response was: ..."), which
     may be any bytes: they are read with replacement, never a UnicodeDecodeError."""
