@@ -1022,3 +1022,25 @@ def test_openssl_verifies_the_installed_chain_against_root_crt(
     assert verify(sota / "root.crt").returncode != 0
     other = ThrowawayCA().write_ca(tmp_path / "other-root.pem")
     assert verify(other, "-untrusted", str(sota / "client.chained")).returncode != 0
+
+
+@pytest.mark.parametrize("broken", ["part of a CA", "a devices store that is not JSON"])
+def test_a_server_that_cannot_be_made_leaves_no_files_behind(tmp_path, monkeypatch, broken):
+    import tempfile
+
+    from lmp_autoreg.testing.ca import ROOT_CERT, ThrowawayCA
+    from lmp_autoreg.testing.devices_api import STORE
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    state = tmp_path / "state"
+    if broken == "part of a CA":
+        state.mkdir()
+        (state / ROOT_CERT).write_text("a certificate without its key\n")
+    else:
+        ThrowawayCA.load_or_create(state)
+        (state / STORE).write_text("{not json")
+    with pytest.raises(ValueError):
+        RegistrationServer(state_dir=state, devices_api=True)
+    assert list(temp.iterdir()) == []

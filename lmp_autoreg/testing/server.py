@@ -605,39 +605,44 @@ class RegistrationServer(_Loopback):
         self._ssl: ssl.SSLContext | None = None
         with real_disk():
             self._tmpdir = Path(tempfile.mkdtemp(prefix="lmp-autoreg-kit-"))
-            if state_dir is None:
-                self.ca = ThrowawayCA(factory)
-                #: The root certificate, for the agent's ``--cacert``.
-                self.ca_file = self.ca.write_ca(self._tmpdir / "ca.crt")
-            else:
-                self.ca = ThrowawayCA.load_or_create(state_dir, factory)
-                self.ca_file = Path(state_dir) / ROOT_CERT
-            if tls:
-                self._ssl = self._tls_context(self.ca, host, tls_names, "server")
-        #: The devices API under /ota/devices/ (``lmp_autoreg.testing.devices_api``), served
-        #: with ``devices_api=True`` or by a partially detached server without an upstream
-        #: API; its devices are kept in the state directory's ``devices.json``.
-        self.devices_api: DevicesAPI | None = None
-        if devices_api or (partially_detached and upstream_api is None):
-            store = Path(state_dir) / STORE if state_dir is not None else None
-            self.devices_api = DevicesAPI(self.ca, api_token or secrets.token_hex(16), store)
-        self.partially_detached = partially_detached
-        self.device_group = device_group
-        self.upstream_api = upstream_api
-        self.api_token = api_token or (self.devices_api.token if self.devices_api else None)
-        self._mounts: list[tuple[str, Mount]] = []
-        if oauth is not None:
-            self._mounts.append((OAUTH_PREFIX + "/", oauth.answer))
-        if self.devices_api is not None:
-            self._mounts.append((API_PREFIX, self.devices_api.answer))
-        #: With ``gateway=DeviceGateway`` (``lmp_autoreg.testing.gateway``): the device
-        #: gateway that the ``sota.toml`` it sends names in ``tls.server``, made with the
-        #: same CA, host and names and the devices API's groups (``group_of``), started
-        #: and stopped with the server.
-        self.gateway: Gateway | None = None
-        if gateway is not None:
-            self.gateway = gateway(self.ca, host=host, port=gateway_port, tls_names=tls_names,
-                                   group_of=self._group_of)
+        try:  # a server never made leaves no files behind
+            with real_disk():
+                if state_dir is None:
+                    self.ca = ThrowawayCA(factory)
+                    #: The root certificate, for the agent's ``--cacert``.
+                    self.ca_file = self.ca.write_ca(self._tmpdir / "ca.crt")
+                else:
+                    self.ca = ThrowawayCA.load_or_create(state_dir, factory)
+                    self.ca_file = Path(state_dir) / ROOT_CERT
+                if tls:
+                    self._ssl = self._tls_context(self.ca, host, tls_names, "server")
+            #: The devices API under /ota/devices/ (``lmp_autoreg.testing.devices_api``), served
+            #: with ``devices_api=True`` or by a partially detached server without an upstream
+            #: API; its devices are kept in the state directory's ``devices.json``.
+            self.devices_api: DevicesAPI | None = None
+            if devices_api or (partially_detached and upstream_api is None):
+                store = Path(state_dir) / STORE if state_dir is not None else None
+                self.devices_api = DevicesAPI(self.ca, api_token or secrets.token_hex(16), store)
+            self.partially_detached = partially_detached
+            self.device_group = device_group
+            self.upstream_api = upstream_api
+            self.api_token = api_token or (self.devices_api.token if self.devices_api else None)
+            self._mounts: list[tuple[str, Mount]] = []
+            if oauth is not None:
+                self._mounts.append((OAUTH_PREFIX + "/", oauth.answer))
+            if self.devices_api is not None:
+                self._mounts.append((API_PREFIX, self.devices_api.answer))
+            #: With ``gateway=DeviceGateway`` (``lmp_autoreg.testing.gateway``): the device
+            #: gateway that the ``sota.toml`` it sends names in ``tls.server``, made with the
+            #: same CA, host and names and the devices API's groups (``group_of``), started
+            #: and stopped with the server.
+            self.gateway: Gateway | None = None
+            if gateway is not None:
+                self.gateway = gateway(self.ca, host=host, port=gateway_port, tls_names=tls_names,
+                                       group_of=self._group_of)
+        except BaseException:
+            self._remove_files()
+            raise
 
     # -- life cycle -------------------------------------------------------------------
 
