@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,dev,kit$(shell pkg-config --exists libsystemd 2>/dev/null && echo ,systemd)
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-long test-target test-target-long lint bench bench-check \
+.PHONY: all venv demo test test-long test-target lint bench bench-check \
 	bench-target boot-test line bench-line clean FORCE
 
 all: test
@@ -44,15 +44,12 @@ test-long: $(STAMP)
 # versions, in a Debian forky root made with debootstrap and cached (target/run.py; needs
 # root, README). Runs with the host's python3 alone: the root has its own venv.
 # ARCH=arm64 does it in an arm64 root under user-mode emulation (qemu-user-static and
-# binfmt_misc): there test-target runs a part of the suite (target/run.py's SUBSET) and
-# test-target-long the whole (README).
+# binfmt_misc), without the few tests emulation cannot run (target/run.py's
+# EMULATION_LIMITS; README).
 ARCH ?=
 TARGET_ARCH := $(if $(ARCH),--arch $(ARCH))
 test-target:
 	$(PYTHON) target/run.py $(TARGET_ARCH) test $(PYTEST_ARGS)
-
-test-target-long:
-	$(PYTHON) target/run.py $(TARGET_ARCH) --long test $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmp_autoreg tests bench boot target

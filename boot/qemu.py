@@ -28,6 +28,7 @@ from nspawn import KILL_GRACE, Outcome
 LOG = logging.getLogger(__name__)
 
 MEMORY_MB = 1024
+CPUS = 2  # qemu translates each on a thread of its own
 # Debian bookworm's qemu-system-common ships the C virtiofsd; later releases the Rust one
 # (package virtiofsd), whose options differ.
 VIRTIOFSD_C = Path("/usr/lib/qemu/virtiofsd")
@@ -107,7 +108,7 @@ def stop(child: subprocess.Popen[bytes]) -> None:
 
 
 def boot(tree: Path, target: Arch, kernel: Path, binds: Mapping[Path, str], timeout: float,
-         log: Path, cpus: int = 2) -> Outcome:
+         log: Path) -> Outcome:
     """Boot the tree with its systemd as PID 1 on an emulated ``target`` machine until it
     powers off (or the timeout); ``binds`` maps host directories to paths in the guest."""
     board = BOARDS[target.qemu]
@@ -128,7 +129,7 @@ def boot(tree: Path, target: Arch, kernel: Path, binds: Mapping[Path, str], time
                     raise RuntimeError(f"virtiofsd did not start; see {errors.name}")
                 time.sleep(0.1)
             machine = subprocess.Popen([
-                board.program, *board.machine, "-smp", str(cpus), "-m", str(MEMORY_MB),
+                board.program, *board.machine, "-smp", str(CPUS), "-m", str(MEMORY_MB),
                 # virtio-fs needs the guest's memory shared with virtiofsd.
                 "-object", f"memory-backend-memfd,id=mem,size={MEMORY_MB}M,share=on",
                 "-numa", "node,memdev=mem",
