@@ -48,6 +48,18 @@ def _remove(cgroups: list[Path]) -> None:
                 LOG.warning("cannot remove cgroup %s: %s", child, e)
 
 
+def stop(child: subprocess.Popen[bytes]) -> None:
+    """End a child still running: SIGTERM, then SIGKILL after KILL_GRACE."""
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def nspawn(tree: Path, cgroup_name: str, options: Sequence[str], argv: Sequence[str],
            timeout: float, log: Path, environ: dict[str, str] | None = None) -> Outcome:
     """Run nspawn on ``tree``; past ``timeout`` it is stopped (SIGTERM, then SIGKILL)."""
@@ -66,12 +78,7 @@ def nspawn(tree: Path, cgroup_name: str, options: Sequence[str], argv: Sequence[
                 rc: int | None = child.wait(timeout)
             except subprocess.TimeoutExpired:
                 LOG.error("%s: no end after %.0f s, stopping it", tree, timeout)
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(KILL_GRACE)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+                stop(child)
                 rc = None
     finally:
         _remove(cgroups)

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emulation import Arch
-from nspawn import KILL_GRACE, Outcome
+from nspawn import Outcome, stop
 
 LOG = logging.getLogger(__name__)
 
@@ -94,17 +93,6 @@ def bound(tree: Path, binds: Mapping[Path, str]) -> Iterator[None]:
     finally:
         for at in reversed(done):
             subprocess.run(["umount", str(at)], check=False)
-
-
-def stop(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is not None:
-        return
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
 
 
 def boot(tree: Path, target: Arch, kernel: Path, binds: Mapping[Path, str], timeout: float,
