@@ -299,7 +299,9 @@ def test_tool_failures_worth_retrying_are_retried_with_one_uuid(
     live_root, device_root, registration_server, fakes, env
 ):
     registration_server.enqueue(Reply(status=503), Reply(status=503))
-    run = run_cli(*ldr_args(device_root, registration_server, "--timeout", "10"), env=env)
+    # Room for three runs of the tool however slowly it starts (emulated, 2 to 3 s each):
+    # the run ends once the third is registered.
+    run = run_cli(*ldr_args(device_root, registration_server, "--timeout", "60"), env=env)
     assert run.returncode == 0, run.stderr
     requests = posts(registration_server)
     assert len(requests) == 3
